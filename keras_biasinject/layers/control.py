@@ -1,0 +1,114 @@
+"""The control vector: checking it, centring it on the neutral point, and routing it.
+
+A control is a float tensor whose last axis has `control_dim` entries. Its leading axes are the
+leading axes of the layer's output that it varies over:
+
+- `[control_dim]`: one control for the whole call;
+- `[batch, control_dim]`: one control per example;
+- `[batch, seq, control_dim]`: one control per token.
+
+Layers never see a control they were not given. Inside a `control_scope(c)` block, a layer called
+without `control=` uses `c`; outside any scope it uses the neutral control. The scope is how a control
+reaches adapters spliced deep inside a model whose blocks call their projections with one argument
+(KerasHub's transformer blocks do): the model enters the scope in its own `call`, inside the same
+trace, so it works eagerly, under `tf.function` and under `jax.jit`.
+"""
+
+import contextlib
+import math
+import threading
+
+import numpy as np
+from keras import ops
+
+_scopes = threading.local()
+
+
+@contextlib.contextmanager
+def control_scope(control):
+    """Makes `control` the control of every layer called inside the block without `control=`.
+
+    Example:
+    >>> with control_scope(c):          # c: [batch, control_dim]
+    ...     y = backbone(inputs)        # every spliced adapter reads c
+    """
+    stack = getattr(_scopes, "stack", None)
+    if stack is None:
+        stack = _scopes.stack = []
+    stack.append(control)
+    try:
+        yield control
+    finally:
+        stack.pop()
+
+
+def current_control():
+    """The control of the innermost `control_scope`, or None outside any scope."""
+    stack = getattr(_scopes, "stack", None)
+    return stack[-1] if stack else None
+
+
+def check_neutral(neutral, control_dim, owner):
+    """Returns `neutral` as a float or a list of `control_dim` floats, or raises ValueError."""
+    if isinstance(neutral, (int, float)) and not isinstance(neutral, bool):
+        values = [float(neutral)]
+    else:
+        values = np.asarray(neutral, dtype="float64").reshape(-1).tolist()
+        if len(values) != control_dim:
+            raise ValueError(
+                f"{owner}: `neutral` has {len(values)} entries but control_dim={control_dim}. "
+                f"Pass one float, or a list of {control_dim} floats. Got neutral={neutral!r}."
+            )
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{owner}: `neutral` must be finite. Got neutral={neutral!r}.")
+    return values[0] if isinstance(neutral, (int, float)) else values
+
+
+def check_positive_int(value, name, owner):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{owner}: `{name}` must be a positive integer. Got {name}={value!r}.")
+    return int(value)
+
+
+def centred_control(control, neutral, control_dim, max_lead, dtype, owner):
+    """Checks a control and returns `control - neutral` in `dtype`.
+
+    `max_lead` is how many leading (batch-like) axes the layer's output has: a control may vary
+    over at most that many.
+    """
+    control = ops.convert_to_tensor(control)
+    shape = tuple(control.shape)
+    if len(shape) == 0 or len(shape) - 1 > max_lead:
+        raise ValueError(
+            f"{owner}: control has shape {shape}; expected [{control_dim}], "
+            f"[batch, {control_dim}]" + (f" or [batch, seq, {control_dim}]" if max_lead > 1 else "")
+            + ". Pass one control per example or per token."
+        )
+    if shape[-1] is not None and shape[-1] != control_dim:
+        raise ValueError(
+            f"{owner}: control has width {shape[-1]} on its last axis (shape {shape}), but the "
+            f"layer was built with control_dim={control_dim}. Pass a control of shape "
+            f"[batch, {control_dim}] or rebuild the layer with control_dim={shape[-1]}."
+        )
+    control = ops.cast(control, dtype)
+    return ops.subtract(control, ops.cast(ops.convert_to_tensor(neutral), dtype))
+
+
+def align(tensor, lead, rank):
+    """Inserts unit axes after the first `lead` axes of `tensor` until it has `rank` axes.
+
+    Control-derived terms have the control's leading axes followed by feature axes; this makes a
+    per-example term `[batch, F]` broadcast against an output `[batch, seq, F]`.
+    """
+    for _ in range(rank - len(tensor.shape)):
+        tensor = ops.expand_dims(tensor, lead)
+    return tensor
+
+
+def control_term(centred, kernel, rank):
+    """`(c - neutral) V` for `V` of shape `[control_dim, *features]`, aligned to an output of `rank` axes."""
+    lead = len(centred.shape) - 1
+    letters = "abcdefghij"
+    lead_letters, feat_letters = letters[:lead], letters[lead : lead + len(kernel.shape) - 1]
+    term = ops.einsum(f"{lead_letters}z,z{feat_letters}->{lead_letters}{feat_letters}", centred, kernel)
+    return align(term, lead, rank)
