@@ -2,7 +2,7 @@ import keras
 from keras import ops
 
 from keras_biasinject.layers import control as control_lib
-from keras_biasinject.layers.projection import Projection
+from keras_biasinject.layers.projection import Projection, layer_path
 
 
 @keras.saving.register_keras_serializable(package="keras_biasinject")
@@ -83,18 +83,21 @@ class BiasInjectDense(keras.layers.Layer):
         self.base_layer = base_layer
         self.projection = projection
         self.activation = keras.activations.linear if self.projection.linear else base_layer.activation
+        if base_layer.built:  # V's shape is known: create it now, so it can be inspected and trained
+            self.build()
 
     @classmethod
     def from_layer(cls, layer, control_dim, neutral=0.0, **kwargs):
         """Injects a control into a built Dense or EinsumDense, freezing its weights."""
         if not layer.built:
             raise ValueError(
-                f"{cls.__name__}.from_layer: layer '{layer.path}' is not built, so it has no "
+                f"{cls.__name__}.from_layer: layer '{layer_path(layer)}' is not built, so it has no "
                 "weights to keep. Call it on an input (or `layer.build(input_shape)`) first."
             )
-        Projection(layer, cls.__name__)  # fails before anything is changed
-        layer.trainable = False
-        return cls(control_dim=control_dim, neutral=neutral, base_layer=layer, **kwargs)
+        kwargs.setdefault("name", f"{layer.name}_bias_inject")
+        wrapped = cls(control_dim=control_dim, neutral=neutral, base_layer=layer, **kwargs)
+        layer.trainable = False  # only after every check passed
+        return wrapped
 
     def build(self, input_shape=None):
         if not self.base_layer.built:

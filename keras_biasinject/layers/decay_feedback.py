@@ -136,7 +136,7 @@ class DecayFeedback(keras.layers.Layer):
 
     def reset(self):
         """Forgets all feedback: the state returns to zero and the control to neutral."""
-        self.state.assign(ops.zeros_like(self.state))
+        self.state.assign(ops.zeros(self.state.shape))
 
     def get_config(self):
         return {

@@ -2,7 +2,7 @@ import keras
 from keras import ops
 
 from keras_biasinject.layers import control as control_lib
-from keras_biasinject.layers.projection import Projection
+from keras_biasinject.layers.projection import Projection, layer_path
 
 GATES = {"always": 1.0, "control": 0.0}  # gate name -> LoRA strength at the neutral control
 
@@ -70,7 +70,7 @@ class LoRABiasAdapter(keras.layers.Layer):
         name = self.__class__.__name__
         if not base_layer.built:
             raise ValueError(
-                f"{name}: layer '{base_layer.path}' is not built, so it has no weights to adapt. "
+                f"{name}: layer '{layer_path(base_layer)}' is not built, so it has no weights to adapt. "
                 "Call it on an input (or `layer.build(input_shape)`) before wrapping it."
             )
         projection = Projection(base_layer, name)
@@ -82,6 +82,7 @@ class LoRABiasAdapter(keras.layers.Layer):
             raise ValueError(f"{name}: `alpha` must be a positive number or None. Got alpha={alpha!r}.")
         neutral = control_lib.check_neutral(neutral, control_dim, name)
         kwargs.setdefault("dtype", projection.dtype_policy)
+        kwargs.setdefault("name", f"{base_layer.name}_lora_bias")
         super().__init__(**kwargs)
         base_layer.trainable = False
         self.base_layer = base_layer
@@ -94,6 +95,7 @@ class LoRABiasAdapter(keras.layers.Layer):
         self.lora_a_initializer = keras.initializers.get(lora_a_initializer)
         self.control_gain_initializer = keras.initializers.get(control_gain_initializer)
         self._merged = None  # (kernel, bias, offset) saved by merge(), or None
+        self.build()  # the base is built, so every weight's shape is known
 
     def build(self, input_shape=None):
         a_shape, b_shape = self.projection.lora_shapes(self.rank)
@@ -163,8 +165,6 @@ class LoRABiasAdapter(keras.layers.Layer):
                 f"Layer '{self.path}': the base is quantized ({base.quantization_mode}); a low-rank "
                 "update cannot be folded into quantized weights. Use the adapter unmerged."
             )
-        if not self.built:
-            self.build()
         if control is None:
             control = ops.zeros((self.control_dim,)) + ops.convert_to_tensor(self.neutral, "float32")
         d = control_lib.centred_control(control, self.neutral, self.control_dim, 0, "float32", self.path)

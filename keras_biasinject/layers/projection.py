@@ -16,6 +16,11 @@ from keras import ops
 _FREE_LETTER = "r"  # the rank axis in the low-rank equations
 
 
+def layer_path(layer):
+    """The layer's path in its model (`decoder_3/attention/query`), or its name before it has one."""
+    return getattr(layer, "path", None) or getattr(layer, "name", None) or type(layer).__name__
+
+
 class Projection:
     """A read-only view of a Dense or EinsumDense: its pre-activation output and low-rank equations."""
 
@@ -23,12 +28,12 @@ class Projection:
         if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
             raise ValueError(
                 f"{owner}: adapters wrap Dense or EinsumDense layers; layer "
-                f"'{getattr(layer, 'path', layer)}' is {type(layer).__name__}. Wrap the projection "
+                f"'{layer_path(layer)}' is {type(layer).__name__}. Wrap the projection "
                 "inside it instead (for example its `_query_dense`)."
             )
         if getattr(layer, "lora_enabled", False):
             raise ValueError(
-                f"{owner}: layer '{layer.path}' already has Keras LoRA enabled "
+                f"{owner}: layer '{layer_path(layer)}' already has Keras LoRA enabled "
                 "(`enable_lora`). Use either Keras LoRA or this adapter, not both: rebuild the "
                 "layer without `enable_lora`."
             )
@@ -37,7 +42,7 @@ class Projection:
         self.linear = layer.activation in (None, keras.activations.linear)
         if layer.quantization_mode is not None and not self.linear:
             raise ValueError(
-                f"{owner}: layer '{layer.path}' is quantized ({layer.quantization_mode}) and has "
+                f"{owner}: layer '{layer_path(layer)}' is quantized ({layer.quantization_mode}) and has "
                 f"activation {layer.activation.__name__}; adapters need its pre-activation output. "
                 "Wrap the layer before quantizing it."
             )
@@ -56,7 +61,7 @@ class Projection:
             not features.endswith(last)
         ):
             raise ValueError(
-                f"{owner}: EinsumDense '{self.layer.path}' has equation '{equation}'; adapters "
+                f"{owner}: EinsumDense '{layer_path(self.layer)}' has equation '{equation}'; adapters "
                 "support equations whose kernel axes end the output (e.g. 'abc,cde->abde', "
                 "'abcd,cde->abe') and that do not use the letter 'r'."
             )

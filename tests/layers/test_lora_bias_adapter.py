@@ -33,7 +33,6 @@ def test_control_gate_is_an_exact_off_switch_after_training(kind):
     expected = numpy(base(x))
     adapter = LoRABiasAdapter(base, rank=4, control_dim=2, gate="control")
     c = controls(2)["per_example"]
-    adapter.build()
     initial = weights_by_name(adapter)
     fit_steps(adapter, x, c, steps=5)
 
@@ -64,7 +63,6 @@ def test_first_step_moves_the_zero_initialised_weights(gate):
 def test_only_adapter_weights_are_trainable():
     base, _ = make_base("einsum_qkv")
     adapter = LoRABiasAdapter(base, rank=2, control_dim=1)
-    adapter.build()
     assert sorted(w.name for w in adapter.trainable_weights) == sorted(ADAPTER_WEIGHTS)
     assert sorted(w.name for w in adapter.non_trainable_weights) == ["bias", "kernel"]
     assert not base.trainable
@@ -75,7 +73,6 @@ def test_hand_computed_dense_update():
     base.build((1, 2))
     base.kernel.assign([[1.0], [2.0]])
     adapter = LoRABiasAdapter(base, rank=1, control_dim=1, alpha=2.0, gate="always", neutral=0.5)
-    adapter.build()
     adapter.lora_a.assign([[1.0], [1.0]])
     adapter.lora_b.assign([[3.0]])
     adapter.control_gain.assign([[2.0]])
