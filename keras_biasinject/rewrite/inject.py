@@ -1,0 +1,139 @@
+"""`inject`: splice control adapters into a KerasHub backbone or task."""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from keras_biasinject.layers import BiasInjectDense, LoRABiasAdapter
+from keras_biasinject.layers.projection import Projection
+from keras_biasinject.rewrite.config import InjectionConfig
+from keras_biasinject.rewrite.injected_model import InjectedModel, injected_class
+from keras_biasinject.rewrite.targets import find_layers, find_targets
+
+ADAPTERS = (LoRABiasAdapter, BiasInjectDense)
+
+
+@dataclasses.dataclass
+class InjectionReport:
+    """What `inject` did: available as `model.injection`, printed by `model.summary()`."""
+
+    config: InjectionConfig
+    paths: list  # adapted layer paths
+    trainable_params: int
+    total_params: int
+
+    def __str__(self):
+        share = 100.0 * self.trainable_params / max(self.total_params, 1)
+        lines = [
+            f"Bias injection: {len(self.paths)} layers adapted ({self.config.kind}, rank {self.config.rank}, "
+            f"control_dim {self.config.control_dim}, gate {self.config.gate!r})",
+            f"  trainable params: {self.trainable_params:,} of {self.total_params:,} ({share:.3f}%)",
+        ]
+        lines += [f"  - {path}" for path in self.paths]
+        return "\n".join(lines)
+
+
+def _backbone_of(model):
+    import keras_hub
+
+    if isinstance(model, keras_hub.models.Backbone):
+        return model
+    if isinstance(model, keras_hub.models.Task) and isinstance(getattr(model, "backbone", None), keras_hub.models.Backbone):
+        return model.backbone
+    raise ValueError(
+        f"inject: expected a KerasHub Backbone or Task (CausalLM, TextClassifier, ...); got "
+        f"{type(model).__name__}. Load the model with keras_hub (e.g. `keras_hub.models.GPT2Backbone.from_preset`)."
+    )
+
+
+def _make_adapter(target, config):
+    path = target.parent.path.split("/") if target.parent.path else []
+    scopes = [keras.name_scope(name) for name in path]
+    for scope in scopes:  # weights get the target's path: ".../self_attention/query_lora_bias/lora_a"
+        scope.__enter__()
+    try:
+        if config.kind == "bias":
+            return BiasInjectDense(control_dim=config.control_dim, neutral=config.neutral, base_layer=target.layer,
+                                   name=f"{target.layer.name}_bias_inject")
+        return LoRABiasAdapter(target.layer, rank=config.rank, control_dim=config.control_dim, alpha=config.alpha,
+                               gate=config.gate, neutral=config.neutral)
+    finally:
+        for scope in reversed(scopes):
+            scope.__exit__(None, None, None)
+
+
+def _splice(target, adapter):
+    parent = target.parent
+    parent._tracker.unlock()  # built KerasHub layers lock their attributes
+    try:
+        setattr(parent, target.attr, adapter)
+    finally:
+        parent._tracker.lock()
+    for i, layer in enumerate(parent._layers):  # the old layer is now a child of the adapter
+        if layer is target.layer:
+            del parent._layers[i]  # in place: the tracker keeps appending to this very list
+            break
+
+
+def _freeze_base(model, extra_trainable):
+    """Only adapter weights and the layers listed in `trainable` stay trainable."""
+    keep = set()
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, ADAPTERS):
+            keep.update(id(v) for v in layer.trainable_weights)
+    for layer in extra_trainable:
+        layer.trainable = True
+        keep.update(id(v) for v in layer.weights)
+    for variable in model.weights:
+        if id(variable) not in keep:
+            variable.trainable = False
+
+
+def _count(weights):
+    return int(sum(np.prod(w.shape) for w in weights))
+
+
+def inject(model, config=None, **fields):
+    """Splices control adapters into a KerasHub backbone or task, in place, and returns it.
+
+    The returned model is of the same class (`isinstance(model, GPT2Backbone)` still holds) with a
+    new `control` input (`[batch, control_dim]` or `[batch, seq, control_dim]`) in its inputs dict;
+    without one it behaves as at the neutral control. At insertion the output is unchanged bit for
+    bit; base weights are frozen. Every check runs before anything changes: on error the model is
+    exactly as it was.
+
+    Args:
+        model: a `keras_hub.models.Backbone` or `Task` (CausalLM, TextClassifier, ...).
+        config: an `InjectionConfig`; or give its fields as keyword arguments.
+
+    Example:
+    >>> lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    >>> lm = inject(lm, targets="attention", rank=8, gate="control")
+    >>> lm.summary()                      # matched layers, trainable parameters
+    >>> lm({"token_ids": t, "padding_mask": m, "control": c})
+    """
+    if config is None:
+        config = InjectionConfig(**fields)
+    elif fields:
+        config = InjectionConfig(**{**config.to_dict(), **fields})
+    if isinstance(model, InjectedModel):
+        raise ValueError(f"inject: this {type(model).__name__} is already injected; inject the base model once.")
+    backbone = _backbone_of(model)
+    if isinstance(backbone, InjectedModel):
+        raise ValueError("inject: this task's backbone is already injected; inject either the backbone or the task, once.")
+    targets = find_targets(backbone, config)
+    extra = find_layers(model, config.trainable) if config.trainable else []
+    for target in targets:  # the adapters' own checks, before any adapter freezes its base
+        Projection(target.layer, f"inject: layer '{target.path}'")
+    adapters = [_make_adapter(target, config) for target in targets]
+
+    for target, adapter in zip(targets, adapters):
+        _splice(target, adapter)
+    for obj in {id(backbone): backbone, id(model): model}.values():
+        obj.__class__ = injected_class(type(obj))
+    _freeze_base(model, extra)
+    report = InjectionReport(config, [t.path for t in targets], _count(model.trainable_weights), _count(model.weights))
+    backbone.injection = report
+    model.injection = report
+    return model

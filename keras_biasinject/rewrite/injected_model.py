@@ -1,0 +1,128 @@
+"""The class an injected model takes: its own KerasHub class plus a `control` input.
+
+`inject` keeps the model's class (an injected `GPT2Backbone` is still a `GPT2Backbone`) by moving the
+object to a subclass made once per class, `Injected<Class>`, which adds:
+
+- `call`: takes `control` from the inputs dict (or the enclosing `control_scope`) and runs the
+  original graph inside `control_scope(control)`, so the adapters spliced into the blocks read it;
+- `generate(..., control=...)` for `CausalLM`s: the control travels with the preprocessed inputs into
+  the compiled generation loop, which calls the blocks through `call_with_cache`;
+- `get_config`/`from_config`: the base model's own config plus the `InjectionConfig`. Loading
+  rebuilds the base from its config and redoes the splice, so `keras.models.load_model` restores
+  the same layer tree and loads every weight by path;
+- `injection`: the report (matched paths, trainable and total parameters), printed by `summary()`.
+"""
+
+import keras
+from keras import ops
+
+from keras_biasinject.layers.control import control_scope, current_control
+
+REGISTERED_NAME = "InjectedModel"
+_classes = {}  # base class -> its Injected subclass
+
+
+def _split_control(inputs):
+    if isinstance(inputs, dict) and "control" in inputs:
+        inputs = dict(inputs)
+        return inputs, inputs.pop("control")
+    return inputs, current_control()
+
+
+@keras.saving.register_keras_serializable(package="keras_biasinject", name=REGISTERED_NAME)
+class InjectedModel:
+    """Mixin placed before a KerasHub Backbone or Task class. See the module docstring."""
+
+    injection = None  # InjectionReport, set by `inject`
+    _base_class = None  # the KerasHub class this one extends, set by `injected_class`
+
+    def call(self, inputs, *args, **kwargs):
+        inputs, control = _split_control(inputs)
+        with control_scope(control):
+            return super().call(inputs, *args, **kwargs)
+
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        inputs, _ = _split_control(inputs)
+        return super().compute_output_spec(inputs, *args, **kwargs)
+
+    def get_config(self):
+        base_config = super().get_config()
+        backbone = base_config.get("backbone")
+        if isinstance(backbone, dict) and backbone.get("registered_name") == f"keras_biasinject>{REGISTERED_NAME}":
+            base_config["backbone"] = _plain(backbone["config"])  # the task's from_config re-injects it
+        return {
+            "base_class": keras.saving.get_registered_name(self._base_class),
+            "base_config": base_config,
+            "injection": self.injection.config.to_dict(),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        from keras_biasinject.rewrite.config import InjectionConfig
+        from keras_biasinject.rewrite.inject import inject
+
+        base_class = keras.saving.get_registered_object(config["base_class"])
+        if base_class is None:
+            raise ValueError(f"Cannot load an injected {config['base_class']}: that class is not importable here.")
+        base = base_class.from_config(config["base_config"])
+        return inject(base, InjectionConfig.from_dict(config["injection"]))
+
+    def summary(self, *args, **kwargs):
+        print(self.injection)
+        return super().summary(*args, **kwargs)
+
+
+def _plain(injected_config):
+    """The serialized base model inside an injected model's config."""
+    cls = keras.saving.get_registered_object(injected_config["base_class"])
+    return {
+        "module": cls.__module__,
+        "class_name": cls.__name__,
+        "config": injected_config["base_config"],
+        "registered_name": injected_config["base_class"],
+    }
+
+
+class InjectedCausalLM(InjectedModel):
+    """Adds `control=` to `CausalLM.generate`."""
+
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False, control=None):
+        if control is None or self.preprocessor is None:
+            if control is not None:  # no preprocessor: inputs are token dicts; carry the control in them
+                inputs = {**inputs, "control": control}
+            return super().generate(inputs, max_length=max_length, stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
+        preprocess = self.preprocessor.generate_preprocess
+
+        def preprocess_with_control(x, sequence_length=None):
+            x = preprocess(x, sequence_length=sequence_length)
+            batch = ops.shape(x["token_ids"])[:-1]
+            c = ops.convert_to_tensor(control, "float32")
+            x["control"] = ops.broadcast_to(c, tuple(batch) + (c.shape[-1],)) if len(c.shape) == 1 else c
+            return x
+
+        self.preprocessor.generate_preprocess = preprocess_with_control
+        try:
+            return super().generate(inputs, max_length=max_length, stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
+        finally:
+            del self.preprocessor.generate_preprocess  # back to the class method
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        inputs, control = _split_control(inputs)
+        with control_scope(control):
+            return super().generate_step(inputs, stop_token_ids=stop_token_ids)
+
+
+def injected_class(base_class):
+    """`Injected<base_class>`, made once and registered so that saved models load."""
+    if issubclass(base_class, InjectedModel):
+        return base_class
+    if base_class not in _classes:
+        import keras_hub
+
+        mixin = InjectedCausalLM if issubclass(base_class, keras_hub.models.CausalLM) else InjectedModel
+        attrs = {"__module__": __name__, "_base_class": base_class}
+        cls = type(f"Injected{base_class.__name__}", (mixin, base_class), attrs)
+        # Every injected class saves under one registered name; `from_config` rebuilds the right one.
+        keras.saving.register_keras_serializable(package="keras_biasinject", name=REGISTERED_NAME)(cls)
+        _classes[base_class] = cls
+    return _classes[base_class]
