@@ -6,10 +6,21 @@ Public API:
   with an exact off switch (`gate="control"`) and `merge`/`unmerge`.
 - `DecayFeedback`: feedback into a state that becomes the next control and fades with a half-life.
 - `control_scope`: routes a control to adapters spliced inside a model.
+- `inject` / `InjectionConfig`: splice adapters into a KerasHub backbone or task.
 """
 
 __version__ = "0.1.0"
 
 from keras_biasinject.layers import BiasInjectDense, DecayFeedback, LoRABiasAdapter, control_scope
+from keras_biasinject.rewrite import InjectionConfig, InjectionReport, inject
 
-__all__ = ["BiasInjectDense", "DecayFeedback", "LoRABiasAdapter", "control_scope", "__version__"]
+__all__ = [
+    "BiasInjectDense",
+    "DecayFeedback",
+    "InjectionConfig",
+    "InjectionReport",
+    "LoRABiasAdapter",
+    "control_scope",
+    "inject",
+    "__version__",
+]

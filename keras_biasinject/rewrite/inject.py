@@ -132,6 +132,8 @@ def inject(model, config=None, **fields):
         _splice(target, adapter)
     for obj in {id(backbone): backbone, id(model): model}.values():
         obj.__class__ = injected_class(type(obj))
+    if getattr(model, "generate_function", None) is not None:
+        model.generate_function = None  # compiled before the splice: recompile on next generate
     _freeze_base(model, extra)
     report = InjectionReport(config, [t.path for t in targets], _count(model.trainable_weights), _count(model.weights))
     backbone.injection = report

@@ -23,6 +23,8 @@ class Target:
 
 def _matches(path, pattern):
     """A preset name or a list matches path suffixes; any other string is a regex fullmatch."""
+    if not path:
+        return False
     if isinstance(pattern, str) and pattern in PRESETS:
         pattern = PRESETS[pattern]
     if isinstance(pattern, str):
@@ -103,7 +105,7 @@ def find_layers(model, pattern):
     """Layers of `model` (outside the backbone's blocks too) whose path matches `pattern`."""
     found = [layer for layer in model._flatten_layers(include_self=False, recursive=True) if _matches(layer.path, pattern)]
     if pattern and not found:
-        names = [layer.path for layer in model._flatten_layers(include_self=False, recursive=True) if layer.weights]
+        names = [layer.path for layer in model._flatten_layers(include_self=False, recursive=True) if layer.weights and layer.path]
         raise ValueError(
             f"inject: trainable={pattern!r} matched no layer. Layers with weights: "
             f"{difflib.get_close_matches(str(pattern), names, n=6, cutoff=0.2) or names[:10]}."

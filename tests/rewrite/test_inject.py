@@ -1,0 +1,191 @@
+import warnings
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+from keras_biasinject import BiasInjectDense, InjectionConfig, LoRABiasAdapter, inject
+
+VOCAB, SEQ, BATCH = 64, 8, 3
+
+
+def gpt2(num_layers=2):
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=num_layers, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=SEQ
+    )
+
+
+def tokens(seed=0, batch=BATCH):
+    rng = np.random.default_rng(seed)
+    return {"token_ids": rng.integers(1, VOCAB, (batch, SEQ)), "padding_mask": np.ones((batch, SEQ), "int32")}
+
+
+def controls(control_dim=1, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(BATCH, control_dim)).astype("float32"), rng.normal(size=(BATCH, SEQ, control_dim)).astype("float32")]
+
+
+def snapshot(model):
+    return {w.path: keras.ops.convert_to_numpy(w) for w in model.weights}
+
+
+def out(model, inputs):
+    return keras.ops.convert_to_numpy(model(inputs))
+
+
+def train(model, inputs, steps=3):
+    extra = {"sampler": "greedy"} if isinstance(model, keras_hub.models.CausalLM) else {}
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), **extra)
+    model.fit(inputs, inputs["token_ids"], epochs=steps, batch_size=BATCH, verbose=0)
+
+
+def test_backbone_keeps_its_class_and_output_exactly():
+    backbone = gpt2()
+    x = tokens()
+    expected = out(backbone, x)
+    injected = inject(backbone, rank=4, control_dim=2)
+    assert injected is backbone and isinstance(injected, keras_hub.models.GPT2Backbone)
+    for c in controls(2):
+        assert np.array_equal(out(injected, {**x, "control": c}), expected)
+    assert np.array_equal(out(injected, x), expected)  # no control: neutral
+    report = injected.injection
+    assert sorted(report.paths) == sorted([
+        "transformer_layer_0/self_attention/query", "transformer_layer_0/self_attention/value",
+        "transformer_layer_1/self_attention/query", "transformer_layer_1/self_attention/value",
+    ])
+    assert report.trainable_params == sum(int(np.prod(w.shape)) for w in injected.trainable_weights)
+    assert {w.path.rsplit("/", 1)[-1] for w in injected.trainable_weights} == {"lora_a", "lora_b", "control_gain", "control_kernel"}
+
+
+def test_causal_lm_fit_moves_only_adapters_and_neutral_stays_exact(tmp_path):
+    lm = keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None)
+    x = tokens()
+    expected = out(lm, x)
+    before = snapshot(lm)
+    lm = inject(lm, rank=4, gate="control")
+    assert isinstance(lm, keras_hub.models.GPT2CausalLM)
+    c = controls()[0]
+    train(lm, {**x, "control": c})
+    after = snapshot(lm)
+    for path, value in before.items():
+        assert np.array_equal(after[path], value), path
+    assert len([p for p in after if p not in before]) == 16  # 4 adapters x (A, B, U, V)
+    assert np.array_equal(out(lm, {**x, "control": np.zeros_like(c)}), expected)
+    steered = out(lm, {**x, "control": c})
+    assert not np.array_equal(steered, expected)
+
+    # Whole-model save and load: same class, control input intact, identical outputs.
+    path = str(tmp_path / "lm.keras")
+    lm.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded).__name__ == "InjectedGPT2CausalLM" and isinstance(loaded, keras_hub.models.GPT2CausalLM)
+    assert np.array_equal(out(loaded, {**x, "control": c}), steered)
+    assert np.array_equal(out(loaded, x), expected)
+    assert loaded.injection.config == lm.injection.config
+
+
+def test_every_adapter_weight_trains():
+    backbone = gpt2(num_layers=1)
+    lm = inject(keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None), rank=2)
+    initial = snapshot(lm)
+    train(lm, {**tokens(), "control": controls()[0]}, steps=3)
+    trained = snapshot(lm)
+    adapter_paths = [p for p in initial if "_lora_bias/" in p]
+    assert len(adapter_paths) == 8
+    for path in adapter_paths:
+        assert not np.array_equal(trained[path], initial[path]), path
+
+
+def test_per_example_controls_equal_separate_calls():
+    lm = inject(keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None), rank=4)
+    x = tokens()
+    train(lm, {**x, "control": controls()[0]})
+    c = controls(seed=9)[0]
+    together = out(lm, {**x, "control": c})
+    for i in range(BATCH):
+        alone = out(lm, {"token_ids": x["token_ids"][i : i + 1], "padding_mask": x["padding_mask"][i : i + 1], "control": c[i : i + 1]})
+        np.testing.assert_allclose(together[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_follows_the_control_and_neutral_generates_the_base():
+    lm = keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None)
+    prompt = tokens(batch=2)
+    prompt["padding_mask"][:, 3:] = 0  # a 3-token prompt, 5 tokens to generate
+    lm.compile(sampler="greedy")
+    base_generation = keras.ops.convert_to_numpy(lm.generate(dict(prompt), stop_token_ids=None)["token_ids"])
+    lm = inject(lm, rank=4, gate="control")
+    x = tokens()
+    train(lm, {**x, "control": np.full((BATCH, 1), 3.0, "float32")}, steps=10)
+    neutral = lm.generate(dict(prompt), stop_token_ids=None, control=np.zeros((2, 1), "float32"))
+    assert np.array_equal(keras.ops.convert_to_numpy(neutral["token_ids"]), base_generation)
+    plain = lm.generate(dict(prompt), stop_token_ids=None)
+    assert np.array_equal(keras.ops.convert_to_numpy(plain["token_ids"]), base_generation)
+    steered = lm.generate(dict(prompt), stop_token_ids=None, control=np.full((2, 1), 3.0, "float32"))
+    assert not np.array_equal(keras.ops.convert_to_numpy(steered["token_ids"]), base_generation)
+
+
+@pytest.mark.parametrize(
+    "targets, count",
+    [("query_value", 4), ("attention", 8), ("mlp", 4), ("all-linear", 12), (["self_attention/key"], 2), (r".*_1/.*output.*", 2)],
+)
+def test_target_patterns(targets, count):
+    backbone = inject(gpt2(), targets=targets, rank=2)
+    assert len(backbone.injection.paths) == count
+
+
+def test_blocks_exclude_and_kind_bias():
+    backbone = inject(gpt2(), targets="attention", exclude=["key"], blocks=[-1], kind="bias")
+    assert sorted(p.rsplit("/", 1)[-1] for p in backbone.injection.paths) == ["attention_output", "query", "value"]
+    assert all(p.startswith("transformer_layer_1/") for p in backbone.injection.paths)
+    adapters = [l for l in backbone._flatten_layers() if isinstance(l, (BiasInjectDense, LoRABiasAdapter))]
+    assert len(adapters) == 3 and all(isinstance(a, BiasInjectDense) for a in adapters)
+
+
+def test_unmatched_exclude_warns():
+    with pytest.warns(UserWarning, match="exclude=\\['nothing_here'\\] matched none"):
+        inject(gpt2(), exclude=["nothing_here"])
+
+
+def state_of(model):
+    return (type(model), snapshot(model), [w.trainable for w in model.weights], [id(l) for l in model._flatten_layers()])
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"targets": ["qurey"]}, r"matched no Dense/EinsumDense layer. Close candidates: \['query'"),
+        ({"targets": "query_value", "blocks": [5]}, r"names blocks \[5\] but the model has 2"),
+        ({"targets": "query_value", "trainable": ["no_such_head"]}, "trainable=\\['no_such_head'\\] matched no layer"),
+        ({"rank": 0}, "`rank` must be a positive integer. Got rank=0"),
+        ({"kind": "prefix"}, "`kind` must be one of"),
+    ],
+)
+def test_a_failing_inject_leaves_the_model_exactly_as_it_was(fields, message):
+    backbone = gpt2()
+    before = state_of(backbone)
+    x = tokens()
+    expected = out(backbone, x)
+    with pytest.raises(ValueError, match=message):
+        inject(backbone, **fields)
+    after = state_of(backbone)
+    assert after[0] is before[0] and after[2] == before[2] and after[3] == before[3]
+    assert all(np.array_equal(after[1][p], v) for p, v in before[1].items()) and after[1].keys() == before[1].keys()
+    assert np.array_equal(out(backbone, x), expected)
+
+
+def test_refuses_non_keras_hub_models_and_double_injection():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="expected a KerasHub Backbone or Task .* got Sequential"):
+        inject(model)
+    backbone = inject(gpt2())
+    with pytest.raises(ValueError, match="already injected"):
+        inject(backbone)
+
+
+def test_config_round_trip():
+    config = InjectionConfig(targets=["query"], blocks=range(2), rank=4, neutral=[0.0, 1.0], control_dim=2)
+    assert InjectionConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown keys \\['rnak'\\]"):
+        InjectionConfig.from_dict({"rnak": 4})
