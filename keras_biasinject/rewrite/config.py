@@ -10,7 +10,10 @@ KINDS = ("lora_bias", "bias")
 # Named target sets: a layer matches when the last segment of its path is one of the names.
 # KerasHub names its projections alike across families (GPT-2, BERT, Llama, Gemma, Qwen, ...).
 ATTENTION = ["query", "key", "value", "attention_output"]
-MLP = ["feedforward_intermediate_dense", "feedforward_gate_dense", "feedforward_output_dense"]
+MLP = [
+    "feedforward_intermediate_dense", "feedforward_gate_dense", "feedforward_output_dense",  # GPT-2, BERT, Llama, Qwen
+    "ffw_gating", "ffw_gating_2", "ffw_linear",  # Gemma
+]
 PRESETS = {
     "query_value": ["query", "value"],  # as KerasHub's `enable_lora`
     "attention": ATTENTION,
