@@ -1,6 +1,8 @@
-"""Finding target layers in KerasHub models and splicing adapters into them."""
+"""Finding target layers in KerasHub models, splicing adapters into them, and undoing it."""
 
+from keras_biasinject.rewrite.adapter_file import load_adapter, save_adapter
 from keras_biasinject.rewrite.config import PRESETS, InjectionConfig
 from keras_biasinject.rewrite.inject import InjectionReport, inject
+from keras_biasinject.rewrite.merge import merge, remove
 
-__all__ = ["PRESETS", "InjectionConfig", "InjectionReport", "inject"]
+__all__ = ["PRESETS", "InjectionConfig", "InjectionReport", "inject", "load_adapter", "merge", "remove", "save_adapter"]

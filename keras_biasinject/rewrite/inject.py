@@ -22,6 +22,7 @@ class InjectionReport:
     paths: list  # adapted layer paths
     trainable_params: int
     total_params: int
+    named_controls: dict = dataclasses.field(default_factory=dict)  # {name: tuple of control_dim floats}
 
     def __str__(self):
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -31,7 +32,16 @@ class InjectionReport:
             f"  trainable params: {self.trainable_params:,} of {self.total_params:,} ({share:.3f}%)",
         ]
         lines += [f"  - {path}" for path in self.paths]
+        lines += [f"  control {name!r}: {list(vector)}" for name, vector in self.named_controls.items()]
         return "\n".join(lines)
+
+
+class Undo:
+    """What `remove` needs to give the base model back exactly (a plain object: Keras does not track it)."""
+
+    def __init__(self, splices, trainable_before):
+        self.splices = splices  # [(Target, adapter)] in splice order
+        self.trainable_before = trainable_before  # ([(variable, flag)], [(layer, flag)])
 
 
 def _backbone_of(model):
@@ -63,17 +73,23 @@ def _make_adapter(target, config):
             scope.__exit__(None, None, None)
 
 
-def _splice(target, adapter):
-    parent = target.parent
+def _swap(parent, attr, old, new):
+    """`parent.<attr> = new` in place of `old`, at old's position in `parent._layers`."""
+    index = next((i for i, layer in enumerate(parent._layers) if layer is old), None)
     parent._tracker.unlock()  # built KerasHub layers lock their attributes
     try:
-        setattr(parent, target.attr, adapter)
+        setattr(parent, attr, new)
     finally:
         parent._tracker.lock()
-    for i, layer in enumerate(parent._layers):  # the old layer is now a child of the adapter
-        if layer is target.layer:
-            del parent._layers[i]  # in place: the tracker keeps appending to this very list
-            break
+    # In place: the tracker keeps appending to this very list. Keep the original order, so that
+    # `model.weights` lists variables in the same order before and after.
+    parent._layers[:] = [layer for layer in parent._layers if layer is not old and layer is not new]
+    if index is not None:
+        parent._layers.insert(index, new)
+
+
+def _splice(target, adapter):
+    _swap(target.parent, target.attr, target.layer, adapter)
 
 
 def _freeze_base(model, extra_trainable):
@@ -126,6 +142,10 @@ def inject(model, config=None, **fields):
     extra = find_layers(model, config.trainable) if config.trainable else []
     for target in targets:  # the adapters' own checks, before any adapter freezes its base
         Projection(target.layer, f"inject: layer '{target.path}'")
+    trainable_before = (  # what `remove` restores; adapters freeze their base layers when made
+        [(v, v.trainable) for v in model.weights],
+        [(layer, layer.trainable) for layer in model._flatten_layers(include_self=True, recursive=True)],
+    )
     adapters = [_make_adapter(target, config) for target in targets]
 
     for target, adapter in zip(targets, adapters):
@@ -138,4 +158,5 @@ def inject(model, config=None, **fields):
     report = InjectionReport(config, [t.path for t in targets], _count(model.trainable_weights), _count(model.weights))
     backbone.injection = report
     model.injection = report
+    model._kbi_undo = Undo(list(zip(targets, adapters)), trainable_before)
     return model

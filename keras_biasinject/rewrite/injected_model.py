@@ -10,10 +10,16 @@ object to a subclass made once per class, `Injected<Class>`, which adds:
 - `get_config`/`from_config`: the base model's own config plus the `InjectionConfig`. Loading
   rebuilds the base from its config and redoes the splice, so `keras.models.load_model` restores
   the same layer tree and loads every weight by path;
-- `injection`: the report (matched paths, trainable and total parameters), printed by `summary()`.
+- `injection`: the report (matched paths, trainable and total parameters), printed by `summary()`;
+- `named_controls`: control vectors stored under names (`"positive"`), saved with the model and with
+  `save_adapter`, and accepted wherever a control is (`model({..., "control": ["positive", "off"]})`,
+  `generate(..., control="positive")`).
 """
 
+import math
+
 import keras
+import numpy as np
 from keras import ops
 
 from keras_biasinject.layers.control import control_scope, current_control
@@ -22,11 +28,18 @@ REGISTERED_NAME = "InjectedModel"
 _classes = {}  # base class -> its Injected subclass
 
 
-def _split_control(inputs):
+def _split_control(inputs, model=None):
     if isinstance(inputs, dict) and "control" in inputs:
         inputs = dict(inputs)
-        return inputs, inputs.pop("control")
+        control = inputs.pop("control")
+        return inputs, control if model is None else model.resolve_control(control)
     return inputs, current_control()
+
+
+def _is_names(control):
+    return isinstance(control, str) or (
+        isinstance(control, (list, tuple)) and len(control) > 0 and all(isinstance(c, str) for c in control)
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_biasinject", name=REGISTERED_NAME)
@@ -36,8 +49,46 @@ class InjectedModel:
     injection = None  # InjectionReport, set by `inject`
     _base_class = None  # the KerasHub class this one extends, set by `injected_class`
 
+    @property
+    def named_controls(self):
+        """{name: tuple of control_dim floats}; shared by an injected task and its backbone."""
+        return self.injection.named_controls
+
+    def add_control(self, name, vector):
+        """Stores `vector` (`control_dim` finite floats) under `name`, replacing any earlier one."""
+        dim = self.injection.config.control_dim
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"add_control: `name` must be a non-empty string. Got name={name!r}.")
+        values = np.asarray(vector, dtype="float64").reshape(-1) if np.ndim(vector) <= 1 else None
+        if values is None or values.shape != (dim,):
+            raise ValueError(
+                f"add_control: control {name!r} must be {dim} number(s) (control_dim={dim}). Got {vector!r}."
+            )
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"add_control: control {name!r} must be finite. Got {vector!r}.")
+        self.named_controls[name] = tuple(float(v) for v in values)
+
+    def resolve_control(self, control):
+        """A name -> its vector `[control_dim]`; a list of names -> `[batch, control_dim]`; else as is."""
+        if not _is_names(control):
+            return control
+        names = [control] if isinstance(control, str) else list(control)
+        unknown = [n for n in names if n not in self.named_controls]
+        if unknown:
+            raise ValueError(
+                f"Unknown named control(s) {unknown}. Stored names: {sorted(self.named_controls)}; "
+                "add one with `model.add_control(name, vector)`."
+            )
+        vectors = np.asarray([self.named_controls[n] for n in names], dtype="float32")
+        return vectors[0] if isinstance(control, str) else vectors
+
+    def __call__(self, inputs, *args, **kwargs):
+        if isinstance(inputs, dict) and _is_names(inputs.get("control")):  # names -> vectors, before tracing
+            inputs = {**inputs, "control": self.resolve_control(inputs["control"])}
+        return super().__call__(inputs, *args, **kwargs)
+
     def call(self, inputs, *args, **kwargs):
-        inputs, control = _split_control(inputs)
+        inputs, control = _split_control(inputs, self)
         with control_scope(control):
             return super().call(inputs, *args, **kwargs)
 
@@ -54,6 +105,7 @@ class InjectedModel:
             "base_class": keras.saving.get_registered_name(self._base_class),
             "base_config": base_config,
             "injection": self.injection.config.to_dict(),
+            "named_controls": {name: list(v) for name, v in self.named_controls.items()},
         }
 
     @classmethod
@@ -65,7 +117,10 @@ class InjectedModel:
         if base_class is None:
             raise ValueError(f"Cannot load an injected {config['base_class']}: that class is not importable here.")
         base = base_class.from_config(config["base_config"])
-        return inject(base, InjectionConfig.from_dict(config["injection"]))
+        model = inject(base, InjectionConfig.from_dict(config["injection"]))
+        for name, vector in config.get("named_controls", {}).items():
+            model.add_control(name, vector)
+        return model
 
     def summary(self, *args, **kwargs):
         print(self.injection)
@@ -87,6 +142,9 @@ class InjectedCausalLM(InjectedModel):
     """Adds `control=` to `CausalLM.generate`."""
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False, control=None):
+        """`CausalLM.generate` with a control: a vector `[control_dim]` for every prompt, one per
+        prompt `[batch, control_dim]`, or stored names (`"positive"`, `["positive", "negative"]`)."""
+        control = self.resolve_control(control)
         if control is None or self.preprocessor is None:
             if control is not None:  # no preprocessor: inputs are token dicts; carry the control in them
                 inputs = {**inputs, "control": control}

@@ -1,0 +1,155 @@
+"""`merge` and `remove`: from an injected model back to a plain KerasHub model.
+
+- `merge(model, control)` returns a new model of the original KerasHub class whose kernels carry the
+  update for one fixed control: no adapters, no extra inference cost, loadable without this package.
+  The injected model is left as it was.
+- `remove(model)` undoes `inject` in place: the original layers go back where they were, the class
+  and the trainable flags are restored, and the model computes exactly what the base computed.
+"""
+
+import keras_hub
+import numpy as np
+from keras import ops
+
+from keras_biasinject.layers import BiasInjectDense, LoRABiasAdapter
+from keras_biasinject.layers import control as control_lib
+from keras_biasinject.rewrite.inject import _swap
+from keras_biasinject.rewrite.injected_model import InjectedModel
+
+
+def _splices_of(model, caller):
+    if not isinstance(model, InjectedModel):
+        raise ValueError(f"{caller}: expected a model returned by `inject`; got a plain {type(model).__name__}.")
+    undo = getattr(model, "_kbi_undo", None)
+    if undo is None:
+        raise ValueError(
+            f"{caller}: this {type(model).__name__} is the backbone of an injected task; call "
+            f"`{caller}` on the task that `inject` returned."
+        )
+    return undo.splices
+
+
+def _fixed_control(model, control):
+    dim = model.injection.config.control_dim
+    control = model.resolve_control(control)
+    if control is None:
+        return np.broadcast_to(np.asarray(model.injection.config.neutral, "float32"), (dim,)).copy()
+    values = np.asarray(ops.convert_to_numpy(control), "float32")
+    if values.shape not in ((dim,), (1, dim)):
+        raise ValueError(
+            f"merge: `control` must be one vector of {dim} value(s) (control_dim={dim}): the merged model "
+            f"serves that control only. Got shape {values.shape}."
+        )
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"merge: `control` must be finite. Got {values.tolist()}.")
+    return values.reshape(dim)
+
+
+def _merged_values(adapter, control):
+    """{id(base variable): merged value} for one adapter at `control`, without changing the adapter."""
+    base = adapter.base_layer
+    values = {}
+    if isinstance(adapter, LoRABiasAdapter):
+        adapter.merge(control)
+        try:
+            values[id(base.kernel)] = ops.convert_to_numpy(base.kernel)
+            if base.bias is not None:
+                values[id(base.bias)] = ops.convert_to_numpy(base.bias)
+            unfolded = adapter._merged[2]  # the offset merge could not put into a bias
+        finally:
+            adapter.unmerge()
+    else:  # BiasInjectDense: only (c - neutral) V
+        d = control_lib.centred_control(control, adapter.neutral, adapter.control_dim, 0, "float32", adapter.path)
+        offset = ops.convert_to_numpy(
+            control_lib.control_term(d, adapter.control_kernel, len(adapter.projection.feature_shape))
+        )
+        unfolded = offset
+        if base.bias is not None and tuple(base.bias.shape) == offset.shape:
+            values[id(base.bias)] = ops.convert_to_numpy(base.bias) + offset.astype(base.bias.dtype)
+            unfolded = None
+    if unfolded is not None and np.any(ops.convert_to_numpy(unfolded) != 0):
+        raise ValueError(
+            f"merge: layer '{base.path}' has no bias over its outputs, so the control's bias term "
+            "(c - neutral) V cannot be folded into a plain model of this class. Serve the injected "
+            "model (or export it with a fixed control), or merge at a control where that term is zero."
+        )
+    return values
+
+
+def _base_weights(model):
+    """The model's variables minus those the adapters own, in `model.weights` order."""
+    owned = set()
+    for _, adapter in model._kbi_undo.splices:
+        base_ids = {id(v) for v in adapter.base_layer.weights}
+        owned.update(id(v) for v in adapter.weights if id(v) not in base_ids)
+    return [v for v in model.weights if id(v) not in owned]
+
+
+def merge(model, control=None):
+    """Returns a plain model of the original KerasHub class with the update for `control` folded in.
+
+    The result has no adapters and no `control` input: it is what the injected model computes at
+    that control (within float rounding), at the base model's cost, and it saves and loads with
+    keras_hub alone. At the neutral control with gate "control" it equals the base model exactly.
+    The injected model is not changed. Merging needs the base in float: a quantized base raises.
+
+    Args:
+        model: a model returned by `inject`.
+        control: one control vector `[control_dim]` or a stored name; default: the neutral control.
+
+    Example:
+    >>> positive = merge(lm, "positive")      # a plain GPT2CausalLM
+    >>> positive.save("positive.keras")        # loads with keras_hub only
+    """
+    splices = _splices_of(model, "merge")
+    control = _fixed_control(model, control)
+    quantized = [a.base_layer.path for _, a in splices if a.base_layer.quantization_mode is not None]
+    if quantized:
+        raise ValueError(
+            f"merge: the base of {quantized[0]!r} (and {len(quantized) - 1} more) is quantized; a low-rank "
+            "update cannot be folded into quantized weights. Merge before quantizing, or serve the "
+            "injected model unmerged."
+        )
+    merged_adapters = [a.path for _, a in splices if isinstance(a, LoRABiasAdapter) and a.merged]
+    if merged_adapters:
+        raise ValueError(f"merge: adapter {merged_adapters[0]!r} is merged by hand; call its `unmerge()` first.")
+    overrides = {}
+    for _, adapter in splices:
+        overrides.update(_merged_values(adapter, control))
+
+    plain = model._base_class.from_config(model.get_config()["base_config"])
+    source = _base_weights(model)
+    target = plain.weights
+    if len(source) != len(target) or any(s.path != t.path or s.shape != t.shape for s, t in zip(source, target)):
+        raise RuntimeError(
+            "merge: the rebuilt base model's weights do not line up with the injected model's "
+            f"({len(target)} against {len(source)}). Please report this with the model class."
+        )
+    for s, t in zip(source, target):
+        t.assign(overrides.get(id(s), s.value))
+    return plain
+
+
+def remove(model):
+    """Undoes `inject` in place and returns the base model: same layers, class, trainable flags and
+    outputs as before `inject` (bit for bit). Trained adapter weights are discarded: save them
+    first with `save_adapter` if you want them back."""
+    splices = _splices_of(model, "remove")
+    merged = [a.path for _, a in splices if isinstance(a, LoRABiasAdapter) and a.merged]
+    if merged:
+        raise ValueError(f"remove: adapter {merged[0]!r} is merged; call its `unmerge()` first.")
+    for target, adapter in reversed(splices):
+        _swap(target.parent, target.attr, adapter, target.layer)
+    variables, layers = model._kbi_undo.trainable_before
+    for layer, trainable in layers:  # layers first: setting a layer's flag resets its variables'
+        layer.trainable = trainable
+    for variable, trainable in variables:
+        variable.trainable = trainable
+    backbone = model.backbone if isinstance(model, keras_hub.models.Task) else model
+    for obj in {id(model): model, id(backbone): backbone}.values():
+        obj.__class__ = obj._base_class
+        for attr in ("injection", "_kbi_undo"):
+            obj.__dict__.pop(attr, None)
+    if getattr(model, "generate_function", None) is not None:
+        model.generate_function = None  # compiled with the adapters: recompile on next generate
+    return model
