@@ -1,0 +1,374 @@
+"""A `tf.data` pipeline from user data to what a KerasHub task's `fit` takes, plus a `control` input.
+
+The source is a CSV or JSONL file, or a TFDS data set (this package's `small_fine_foods` and
+`jane_austen` included). It is read whole and checked in Python when the pipeline is made, so a bad
+row fails now, with its line number, not in the middle of training. Each example gets a control
+vector, from its label (`control_map`) or from numeric columns (`control_columns`).
+
+Elements, batched, as `fit` expects them for the preprocessor passed in:
+- `TextClassifierPreprocessor`: `(x, class_id)`; x holds the token inputs and `"control"`.
+- `CausalLMPreprocessor`: `(x, next_token_ids, padding_mask)`; x holds the token inputs and
+  `"control"`. With prompt/response columns the text is `prompt + response`, joined as is.
+
+`x["control"]` is float32 `[batch, control_dim]`; class ids are int32 `[batch]`.
+
+    config = DataConfig("reviews.csv", text_column="review", label_column="score",
+                        control_map={"great": 1.0, "other": -1.0}, batch_size=16, shuffle_seed=0)
+    ds = make_dataset(config, classifier.preprocessor)  # classifier.fit(ds, epochs=2)
+"""
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+
+FILE_SUFFIXES = (".csv", ".jsonl")
+Control = Union[float, Sequence[float]]
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the examples come from and how each gets its text, class id and control."""
+
+    source: str  # a .csv or .jsonl file, or a TFDS name ("small_fine_foods", "jane_austen", "imdb_reviews")
+    text_column: Optional[str] = None  # the text to tokenize; or use prompt_column + response_column
+    prompt_column: Optional[str] = None  # causal LM: the text is prompt + response, joined as is
+    response_column: Optional[str] = None  # causal LM: the part after the prompt
+    label_column: Optional[str] = None  # the class label: the classifier's target and control_map's key
+    label_names: Optional[Sequence[str]] = None  # class id order; None: the order of control_map's keys
+    control_map: Optional[Mapping[str, Control]] = None  # label -> control (a number, or control_dim numbers)
+    control_columns: Optional[Sequence[str]] = None  # numeric columns that form the control instead
+    batch_size: int = 8  # examples per batch; the last batch may be smaller
+    shuffle_seed: Optional[int] = None  # None: keep the source's order; an int: reshuffle each epoch from it
+
+    def __post_init__(self):
+        if not isinstance(self.source, (str, Path)) or not str(self.source):
+            raise ValueError(f"DataConfig: `source` must be a file path or a TFDS name. Got source={self.source!r}.")
+        self.source = str(self.source)
+        has_pair = self.prompt_column is not None and self.response_column is not None
+        half_pair = (self.prompt_column is None) != (self.response_column is None)
+        if half_pair or (self.text_column is None) == (not has_pair):
+            raise ValueError(
+                "DataConfig: set either `text_column`, or both `prompt_column` and `response_column`. Got "
+                f"text_column={self.text_column!r}, prompt_column={self.prompt_column!r}, "
+                f"response_column={self.response_column!r}."
+            )
+        if (self.control_map is None) == (self.control_columns is None):
+            raise ValueError(
+                "DataConfig: set exactly one of `control_map` (label -> control) and `control_columns` "
+                f"(numeric columns). Got control_map={self.control_map!r}, control_columns={self.control_columns!r}."
+            )
+        if self.control_map is not None:
+            self.control_map = _check_control_map(self.control_map)
+            if self.label_column is None:
+                raise ValueError("DataConfig: `control_map` looks up each example's label: set `label_column`.")
+        if self.control_columns is not None:
+            if isinstance(self.control_columns, str) or not self.control_columns or not all(
+                isinstance(c, str) and c for c in self.control_columns
+            ):
+                raise ValueError(
+                    "DataConfig: `control_columns` must be a non-empty list of column names. "
+                    f"Got control_columns={self.control_columns!r}."
+                )
+            self.control_columns = list(self.control_columns)
+        if self.label_column is not None and self.control_map is None and self.label_names is None:
+            raise ValueError(
+                f"DataConfig: label_column={self.label_column!r} needs the class id order: set `label_names` "
+                "(the control comes from control_columns, so control_map cannot give it)."
+            )
+        if self.label_names is not None:
+            if isinstance(self.label_names, str) or len(set(map(str, self.label_names))) != len(self.label_names):
+                raise ValueError(f"DataConfig: `label_names` must be a list of distinct labels. Got {self.label_names!r}.")
+            self.label_names = [str(n) for n in self.label_names]
+            if self.control_map is not None and set(self.label_names) != set(self.control_map):
+                raise ValueError(
+                    f"DataConfig: `label_names` {self.label_names} and the keys of `control_map` "
+                    f"{list(self.control_map)} must be the same labels."
+                )
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ValueError(f"DataConfig: `batch_size` must be a positive integer. Got batch_size={self.batch_size!r}.")
+        if self.shuffle_seed is not None and (isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int)):
+            raise ValueError(f"DataConfig: `shuffle_seed` must be an integer or None. Got shuffle_seed={self.shuffle_seed!r}.")
+
+    @property
+    def control_dim(self):
+        """Width of the control vector."""
+        if self.control_columns is not None:
+            return len(self.control_columns)
+        return len(next(iter(self.control_map.values())))
+
+    @property
+    def class_names(self):
+        """Labels in class id order (None without a label column)."""
+        if self.label_column is None:
+            return None
+        return self.label_names if self.label_names is not None else list(self.control_map)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config):
+        return cls(**config)
+
+
+def make_dataset(config, preprocessor, split=None):
+    """A batched `tf.data.Dataset` for `preprocessor`'s task, each `x` carrying `"control"`.
+
+    Args:
+        config: a `DataConfig`.
+        preprocessor: a `keras_hub.models.TextClassifierPreprocessor` or `CausalLMPreprocessor`.
+        split: the TFDS split ("train", "test", "train[:10%]"); None means "train". Files have none.
+    """
+    import keras_hub  # imported here: 3 s, and only needed once a preprocessor exists
+
+    if isinstance(preprocessor, keras_hub.models.TextClassifierPreprocessor):
+        causal = False
+        if config.label_column is None or config.text_column is None:
+            raise ValueError(
+                "make_dataset: a TextClassifierPreprocessor needs `text_column` and `label_column` (prompt/"
+                f"response pairs are for causal LMs). Got text_column={config.text_column!r}, "
+                f"label_column={config.label_column!r}."
+            )
+    elif isinstance(preprocessor, keras_hub.models.CausalLMPreprocessor):
+        causal = True  # the target is the next token; class ids, if any, are not used
+    else:
+        raise TypeError(
+            "make_dataset: `preprocessor` must be a keras_hub.models.TextClassifierPreprocessor or "
+            f"CausalLMPreprocessor (e.g. `task.preprocessor`). Got {type(preprocessor).__name__}."
+        )
+
+    texts, controls, class_ids = read_examples(config, split)
+    ds = tf.data.Dataset.from_tensor_slices((texts, controls, class_ids))
+    if config.shuffle_seed is not None:
+        ds = ds.shuffle(len(texts), seed=config.shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(config.batch_size)
+
+    def classify(text, control, class_id):
+        x, y = preprocessor(text, class_id)
+        return {**x, "control": control}, y
+
+    def continue_text(text, control, class_id):
+        del class_id
+        x, y, sample_weight = preprocessor(text)
+        return {**x, "control": control}, y, sample_weight
+
+    ds = ds.map(continue_text if causal else classify, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def read_examples(config, split=None):
+    """(texts, controls, class_ids) as numpy arrays: str `[n]`, float32 `[n, control_dim]`, int32 `[n]`.
+
+    Class ids are -1 without a label column. Raises ValueError naming the file, line and column of
+    the first bad row.
+    """
+    rows, columns, where, unit = _read_source(config.source, split)
+    wanted = {
+        "text_column": config.text_column,
+        "prompt_column": config.prompt_column,
+        "response_column": config.response_column,
+        "label_column": config.label_column,
+        **{f"control_columns[{i}]": c for i, c in enumerate(config.control_columns or [])},
+    }
+    wanted = {field: column for field, column in wanted.items() if column is not None}
+    for field, column in wanted.items():
+        if column not in columns:
+            raise ValueError(
+                f"{where} has no column {column!r} ({field}). Columns present: {columns}. "
+                f"Set {field} to one of them."
+            )
+    class_index = {name: i for i, name in enumerate(config.class_names or [])}
+    texts, controls, class_ids = [], [], []
+    for number, row in rows:
+        at = f"{where} {unit} {number}"
+        for column in wanted.values():
+            if column not in row:
+                raise ValueError(f"{at}: no value for column {column!r}. Keys present: {sorted(row)}.")
+        if config.text_column is not None:
+            texts.append(_text(row, config.text_column, at))
+        else:
+            texts.append(_text(row, config.prompt_column, at) + _text(row, config.response_column, at))
+        label = None
+        if config.label_column is not None:
+            label = _label(row[config.label_column], config.label_column, at)
+            if label not in class_index:
+                raise ValueError(
+                    f"{at}: label {label!r} (column {config.label_column!r}) is not in "
+                    f"{'label_names' if config.label_names is not None else 'control_map'}. "
+                    f"Known labels: {config.class_names}."
+                )
+        class_ids.append(class_index.get(label, -1))
+        if config.control_map is not None:
+            controls.append(config.control_map[label])
+        else:
+            controls.append([_number(row[c], c, at) for c in config.control_columns])
+    return (
+        np.asarray(texts, dtype=object),
+        np.asarray(controls, dtype="float32").reshape(len(texts), config.control_dim),
+        np.asarray(class_ids, dtype="int32"),
+    )
+
+
+def _read_source(source, split):
+    """([(line number, row dict)], column names, description) from a file or a TFDS split."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() in FILE_SUFFIXES:
+        if split is not None:
+            raise ValueError(
+                f"split={split!r} was given, but source {source!r} is a file and has no splits. "
+                "Pass one file per split and split=None."
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"DataConfig source {source!r}: no such file.")
+        read = _read_csv if path.suffix.lower() == ".csv" else _read_jsonl
+        rows, columns = read(path)
+        if not rows:
+            raise ValueError(f"File {str(path)!r} has no rows. Give a file with a header (CSV) and at least one example.")
+        return rows, columns, f"File {str(path)!r}", "line"
+    if path.exists():
+        raise ValueError(
+            f"DataConfig source {source!r}: only {list(FILE_SUFFIXES)} files are read. "
+            "Convert it to CSV or JSONL, or pass a TFDS data set name."
+        )
+    return _read_tfds(source, split or "train")
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header, rows = None, []
+        while True:
+            start = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise ValueError(f"File {str(path)!r} line {start}: malformed CSV ({e}).") from None
+            if not fields:
+                continue  # blank line
+            if header is None:
+                header = fields
+                continue
+            if len(fields) != len(header):
+                raise ValueError(
+                    f"File {str(path)!r} line {start}: {len(fields)} fields, but the header has "
+                    f"{len(header)} ({header}). Quote fields that contain commas."
+                )
+            rows.append((start, dict(zip(header, fields))))
+    if header is None:
+        raise ValueError(f"File {str(path)!r} is empty. A CSV file needs a header row and at least one example.")
+    return rows, header
+
+
+def _read_jsonl(path):
+    rows, columns = [], None
+    with open(path, encoding="utf-8-sig") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"File {str(path)!r} line {line_number}: invalid JSON ({e}).") from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"File {str(path)!r} line {line_number}: expected a JSON object per line, got "
+                    f"{type(row).__name__} {line.strip()[:60]!r}."
+                )
+            columns = columns or list(row)
+            rows.append((line_number, row))
+    return rows, columns or []
+
+
+def _read_tfds(name, split):
+    import tensorflow_datasets as tfds
+
+    from keras_biasinject.data.builders import BUILDERS, prepared_builder
+
+    if name in BUILDERS:
+        builder = prepared_builder(name)
+    else:
+        try:
+            builder = tfds.builder(name)
+        except Exception as e:  # TFDS raises its own DatasetNotFoundError
+            raise ValueError(
+                f"DataConfig source {name!r} is neither a .csv/.jsonl file nor a TFDS data set name "
+                f"({str(e).splitlines()[0]}). Check the path or the name (`tfds.list_builders()`)."
+            ) from None
+        builder.download_and_prepare()
+    if "+" not in split and split.split("[")[0] not in builder.info.splits:
+        raise ValueError(f"TFDS data set {name!r} has no split {split!r}. Splits: {sorted(builder.info.splits)}.")
+    features = builder.info.features
+    if not isinstance(features, tfds.features.FeaturesDict):
+        raise ValueError(f"TFDS data set {name!r} yields {type(features).__name__}, not a dict of features.")
+    columns = list(features.keys())
+    decoders = {c: _tfds_decoder(features[c]) for c in columns}
+    ds = builder.as_dataset(split=split)
+    rows = [(i, {c: decoders[c](v) for c, v in example.items()}) for i, example in enumerate(tfds.as_numpy(ds))]
+    if not rows:
+        raise ValueError(f"TFDS data set {name!r} split {split!r} has no examples.")
+    return rows, columns, f"TFDS data set {name!r} split {split!r}", "example"
+
+
+def _tfds_decoder(feature):
+    import tensorflow_datasets as tfds
+
+    if isinstance(feature, tfds.features.ClassLabel) and feature.names:
+        return lambda v: feature.int2str(int(v))
+    return lambda v: v.decode("utf-8") if isinstance(v, bytes) else v
+
+
+def _text(row, column, at):
+    value = row[column]
+    if not isinstance(value, str):
+        raise ValueError(f"{at}: column {column!r} must be a string, got {value!r}.")
+    return value
+
+
+def _label(value, column, at):
+    if value is None or isinstance(value, (dict, list, float)):
+        raise ValueError(f"{at}: column {column!r} must be a string or integer label, got {value!r}.")
+    return str(value)
+
+
+def _number(value, column, at):
+    if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
+        raise ValueError(f"{at}: control column {column!r} must be a number, got {value!r}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{at}: control column {column!r} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{at}: control column {column!r} must be finite, got {value!r}.")
+    return number
+
+
+def _check_control_map(control_map):
+    if not isinstance(control_map, Mapping) or not control_map:
+        raise ValueError(
+            "DataConfig: `control_map` must be a non-empty dict label -> control, e.g. "
+            f"{{'great': 1.0, 'other': -1.0}}. Got control_map={control_map!r}."
+        )
+    vectors = {}
+    for label, value in control_map.items():
+        vector = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if (
+            not isinstance(vector, (list, tuple))
+            or not vector
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vector)
+        ):
+            raise ValueError(
+                f"DataConfig: control_map[{label!r}] must be a finite number or a list of them. Got {value!r}."
+            )
+        vectors[str(label)] = [float(v) for v in vector]
+    widths = {label: len(v) for label, v in vectors.items()}
+    if len(set(widths.values())) != 1:
+        raise ValueError(f"DataConfig: all controls in `control_map` must have the same length. Got lengths {widths}.")
+    return vectors
