@@ -9,24 +9,49 @@ Public API:
 - `inject` / `InjectionConfig`: splice adapters into a KerasHub backbone or task.
 - `save_adapter` / `load_adapter`: only the new weights, the config and the named controls.
 - `merge`: a plain KerasHub model with one control folded in; `remove`: the base model back, exactly.
+- `load`: real pretrained checkpoints (built-in names, GGUF files, Hugging Face folders, presets).
+- `DataConfig` / `make_dataset` / `load_dataset`: `tf.data` pipelines with a control per example.
+- `Recipe` / `load_recipe` / `finetune`: runs against the control groups, with a report.
 """
 
 __version__ = "0.1.0"
 
+import importlib
+
+# The layers and the injected model class are imported now: they register themselves with Keras,
+# so that `keras.models.load_model` finds them after `import keras_biasinject`.
 from keras_biasinject.layers import BiasInjectDense, DecayFeedback, LoRABiasAdapter, control_scope
 from keras_biasinject.rewrite import InjectionConfig, InjectionReport, inject, load_adapter, merge, remove, save_adapter
 
-__all__ = [
-    "BiasInjectDense",
-    "DecayFeedback",
-    "InjectionConfig",
-    "InjectionReport",
-    "LoRABiasAdapter",
-    "control_scope",
-    "inject",
-    "load_adapter",
-    "merge",
-    "remove",
-    "save_adapter",
-    "__version__",
-]
+# The rest is imported on first use (PEP 562): loading models, data and recipes pulls in more.
+_EXPORTS = {
+    "load": "keras_biasinject.models",
+    "available_models": "keras_biasinject.models",
+    "DataConfig": "keras_biasinject.data",
+    "make_dataset": "keras_biasinject.data",
+    "load_dataset": "keras_biasinject.data",
+    "Recipe": "keras_biasinject.recipes",
+    "load_recipe": "keras_biasinject.recipes",
+    "finetune": "keras_biasinject.recipes",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'keras_biasinject' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(
+    [
+        "BiasInjectDense", "DecayFeedback", "InjectionConfig", "InjectionReport", "LoRABiasAdapter", "control_scope",
+        "inject", "load_adapter", "merge", "remove", "save_adapter", "__version__",
+    ]
+    + list(_EXPORTS)
+)

@@ -1,0 +1,158 @@
+"""`kbi`: fine-tune, evaluate, generate, list models and run the demo from the command line.
+
+    kbi demo --out runs/demo                      # the main job: MiniLM on Fine Food reviews
+    kbi finetune recipes/classify_fine_foods.toml --out runs/cls --set train.epochs=3
+    kbi evaluate runs/cls --control 1 --control 0
+    kbi generate smollm2-135m --adapter runs/lm/adapter --prompt "This tea" --control 1
+    kbi models
+"""
+
+import argparse
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "files"  # -> the top-level recipes/
+DEMO_RECIPE = "classify_fine_foods"
+
+
+def _value(text):
+    """A `--set` value: a Python/TOML-like literal (3, 1e-4, "x", [1, 2], true) or a bare string."""
+    lowered = {"true": True, "false": False, "none": None, "null": None}
+    if text.lower() in lowered:
+        return lowered[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _overrides(pairs):
+    out = []
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"kbi: --set takes KEY=VALUE (e.g. train.epochs=3). Got {pair!r}.")
+        out.append((key.strip(), _value(value.strip())))
+    return out
+
+
+def _recipe_path(name):
+    path = Path(name)
+    if path.is_file():
+        return path
+    builtin = RECIPE_DIR / f"{name}.toml"
+    if builtin.is_file():
+        return builtin
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.toml")) if RECIPE_DIR.is_dir() else []
+    raise SystemExit(f"kbi: no recipe file {name!r}. Give a .toml/.yaml path or a built-in recipe: {names}.")
+
+
+def _print_table(report):
+    from keras_biasinject.recipes.report import results_table
+
+    print(results_table(report))
+
+
+def cmd_finetune(args):
+    from keras_biasinject.recipes import finetune, load_recipe
+
+    overrides = _overrides(args.set)
+    if args.methods:
+        overrides.append(("train.methods", args.methods.split(",")))
+    recipe = load_recipe(_recipe_path(args.recipe), overrides)
+    report = finetune(recipe, args.out, verbose=1 if sys.stdout.isatty() else 2)
+    _print_table(report)
+    print(f"\nreport: {Path(args.out) / 'report.json'}")
+
+
+def cmd_demo(args):
+    args.recipe = DEMO_RECIPE
+    if args.full:
+        args.set = list(args.set or []) + ["train.methods=['base','keras_lora','full','bias_injection']"]
+    cmd_finetune(args)
+
+
+def cmd_evaluate(args):
+    from keras_biasinject.recipes.evaluate import evaluate_run
+
+    rows = evaluate_run(args.run, controls=args.control or [1.0, 0.0])
+    for row in rows:
+        print(f"control {row['control']:>6}: {row['metric']} {row['value']:.4f}")
+
+
+def cmd_generate(args):
+    from keras_biasinject.recipes.evaluate import generate
+
+    for text in generate(args.model, args.prompt, adapter=args.adapter, control=args.control, max_length=args.max_length):
+        print(text)
+
+
+def cmd_models(args):
+    from keras_biasinject.models import available_models
+
+    for row in available_models():
+        state = "ready" if row["cached"] else ("installed, converts on first load" if row["installed"] else "not installed")
+        print(f"{row['name']:<14} {state:<34} {row['description']}")
+        if not row["installed"]:
+            print(f"{'':<14} install: {row['install']}")
+    print("\nAlso: any KerasHub preset name (needs network), a local Hugging Face folder, or a Llama .gguf file.")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="kbi", description="Steer and fine-tune pretrained KerasHub transformers with bias injection.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def run_options(p):
+        p.add_argument("--out", required=True, help="run folder: report.json, plots, logs, checkpoints, adapter")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.epochs=3 (repeatable)")
+        p.add_argument("--methods", help="comma-separated methods to run, e.g. base,bias_injection")
+
+    p = sub.add_parser("finetune", help="run a recipe: bias injection against the control groups")
+    p.add_argument("recipe", help="a recipe file (.toml/.yaml) or a built-in recipe name")
+    run_options(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("demo", help="the main job: MiniLM on Fine Food reviews, bias injection against the control groups")
+    run_options(p)
+    p.add_argument("--full", action="store_true", help="also run full fine-tuning (slow)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="evaluate a finished run's adapter at one or more controls")
+    p.add_argument("run", help="a run folder written by `kbi finetune` / `kbi demo`")
+    p.add_argument("--control", type=float, action="append", help="control value (repeatable; default: 1 and 0)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="generate text from a causal LM, optionally with an adapter and a control")
+    p.add_argument("model", help="a built-in name, .gguf file, Hugging Face folder or KerasHub preset")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--adapter", help="an adapter folder written by save_adapter (e.g. RUN/adapter)")
+    p.add_argument("--control", help="a number, comma-separated numbers, or a named control stored with the adapter")
+    p.add_argument("--max-length", type=int, default=64, help="total tokens, prompt included (default 64)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("models", help="list the models that can be loaded here")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"kbi {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        hint = f" Run the same command again to resume from {out}." if out else ""
+        print(f"\nkbi {args.command}: interrupted.{hint}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

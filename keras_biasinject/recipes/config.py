@@ -1,0 +1,179 @@
+"""Recipe configs: what to fine-tune, on what, how, and against which control groups.
+
+A recipe is a TOML (or YAML) file with four tables, each a small dataclass below:
+
+    task = "classification"          # or "causal_lm"
+    [model]   spec, sequence_length, num_classes
+    [data]    path or TFDS name, columns, control mapping       -> keras_biasinject.data.DataConfig
+    [inject]  targets, rank, gate, ...                          -> keras_biasinject.InjectionConfig
+    [train]   epochs, batch size, learning rate, methods, ...
+
+Unknown keys and bad values raise `ValueError` naming the table, the key and what is allowed.
+"""
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from keras_biasinject.rewrite.config import InjectionConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+TASKS = ("classification", "causal_lm")
+# Control groups and our method. "base": the frozen base (plus a trained head for classification;
+# zero-shot for the LM); "keras_lora": KerasHub's `enable_lora` at the same rank and targets;
+# "full": every weight trains (slow, opt-in); "bias_injection": this package.
+METHODS = ("base", "keras_lora", "full", "bias_injection")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    spec: str = "minilm-l6"  # built-in name, KerasHub preset, Hugging Face folder or .gguf file
+    sequence_length: int = 128  # tokens per example, after truncation and padding
+    num_classes: Optional[int] = None  # classification only; None: the number of labels in the data
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    methods: Sequence[str] = ("base", "keras_lora", "bias_injection")  # what to train and compare, in order
+    epochs: int = 2  # passes over the training examples
+    batch_size: int = 16  # examples per step
+    learning_rate: float = 1e-3  # peak, after warm-up; cosine decay to 10% over the run
+    full_learning_rate: float = 5e-5  # the same schedule's peak for method "full" (all weights move)
+    max_train_examples: Optional[int] = None  # None: all; else the first N after a seeded shuffle
+    max_eval_examples: Optional[int] = None  # None: the whole evaluation split
+    patience: int = 2  # early stopping on validation loss, in epochs
+    seed: int = 0  # data order, initial adapter weights and validation split
+
+
+def _build(cls, table, values):
+    if values is None:
+        return cls()
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe: [{table}] must be a table of keys. Got {values!r}.")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"recipe: unknown key(s) {unknown} in [{table}]. Allowed keys: {sorted(fields)}.")
+    return cls(**values)
+
+
+def _positive_int(table, name, value, allow_none=False):
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"recipe: [{table}] {name} must be a positive integer. Got {name}={value!r}.")
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A whole recipe. Build one from a file with `load_recipe`, or in code."""
+
+    task: str = "classification"  # "classification" or "causal_lm"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: dict = dataclasses.field(default_factory=dict)  # keyword arguments of keras_biasinject.data.DataConfig
+    inject: InjectionConfig = dataclasses.field(default_factory=InjectionConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    steer: dict = dataclasses.field(default_factory=dict)  # causal_lm: keras_biasinject.recipes.steering.SteerConfig
+    name: str = "recipe"  # used in report titles
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"recipe: task must be one of {list(TASKS)}. Got task={self.task!r}.")
+        self.model = _build(ModelConfig, "model", self.model)
+        self.train = _build(TrainConfig, "train", self.train)
+        if isinstance(self.inject, dict):
+            try:
+                self.inject = InjectionConfig.from_dict(self.inject)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"recipe: [inject] {error}") from None
+        from keras_biasinject.recipes.steering import SteerConfig
+
+        self.steer = _build(SteerConfig, "steer", self.steer or None)
+        if self.task != "causal_lm" and self.steer.judge is not None:
+            raise ValueError("recipe: [steer] is for task='causal_lm' (it judges generated text); remove it.")
+        if not isinstance(self.data, dict):
+            raise ValueError(f"recipe: [data] must be a table of keys. Got {self.data!r}.")
+        methods = list(self.train.methods)
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods or len(set(methods)) != len(methods):
+            raise ValueError(
+                f"recipe: [train] methods must be distinct names from {list(METHODS)}. Got methods={methods!r}."
+            )
+        self.train.methods = methods
+        for name in ("epochs", "batch_size", "patience", "seed"):
+            _positive_int("train", name, getattr(self.train, name) + (1 if name == "seed" else 0))
+        for name in ("max_train_examples", "max_eval_examples"):
+            _positive_int("train", name, getattr(self.train, name), allow_none=True)
+        for name in ("learning_rate", "full_learning_rate"):
+            value = getattr(self.train, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"recipe: [train] {name} must be a positive number. Got {name}={value!r}.")
+        _positive_int("model", "sequence_length", self.model.sequence_length)
+        _positive_int("model", "num_classes", self.model.num_classes, allow_none=True)
+        if self.task == "causal_lm" and self.model.num_classes is not None:
+            raise ValueError("recipe: [model] num_classes is for task='classification'; remove it for 'causal_lm'.")
+
+    def to_dict(self):
+        return {
+            "name": self.name,
+            "task": self.task,
+            "model": dataclasses.asdict(self.model),
+            "data": dict(self.data),
+            "inject": self.inject.to_dict(),
+            "train": dataclasses.asdict(self.train),
+            "steer": dataclasses.asdict(self.steer),
+        }
+
+
+def _read(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe: {str(path)!r} does not exist.")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"recipe: {str(path)!r} is not valid TOML: {error}.") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"recipe: {str(path)!r} is not valid YAML: {error}.") from None
+        return data or {}
+    raise ValueError(f"recipe: {str(path)!r} must end in .toml, .yaml or .yml.")
+
+
+def set_key(data, dotted, value):
+    """`set_key(d, "train.epochs", 3)`: a command-line override into a recipe dict."""
+    *tables, key = dotted.split(".")
+    node = data
+    for table in tables:
+        node = node.setdefault(table, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"recipe: cannot set {dotted!r}: {table!r} is not a table.")
+    node[key] = value
+
+
+def load_recipe(path, overrides=()):
+    """Reads a recipe file; `overrides` are `(dotted_key, value)` pairs applied on top."""
+    data = _read(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe: {str(path)!r} must hold a table of keys. Got {type(data).__name__}.")
+    for key, value in overrides:
+        set_key(data, key, value)
+    allowed = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"recipe: unknown key(s) {unknown} at the top of {str(path)!r}. Allowed keys: {sorted(allowed)}.")
+    data.setdefault("name", Path(path).stem)
+    return Recipe(**data)

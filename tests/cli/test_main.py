@@ -1,0 +1,136 @@
+"""`kbi` end to end on a small budget: real MiniLM, real reviews, real SmolLM2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from keras_biasinject.cli.main import build_parser, main
+
+SMALL = """
+task = "classification"
+[model]
+spec = "minilm-l6"
+sequence_length = 32
+[data]
+source = "small_fine_foods"
+text_column = "review"
+label_column = "label"
+control_map = {{ great = 1.0, other = 1.0 }}
+[inject]
+rank = 2
+trainable = ["logits"]
+[train]
+methods = {methods}
+epochs = {epochs}
+batch_size = 8
+max_train_examples = {train}
+max_eval_examples = 16
+"""
+
+
+def kbi(*args, timeout=600):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "keras_biasinject.cli.main", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_every_command_has_help(capsys):
+    for command in ["finetune", "demo", "evaluate", "generate", "models"]:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: kbi {command}" in capsys.readouterr().out
+
+
+def test_models_lists_the_built_in_checkpoints(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "minilm-l6" in out and "smollm2-135m" in out
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(SMALL.format(methods='["base"]', epochs=1, train=16).replace("epochs = 1", "epoch = 1"))
+    assert main(["finetune", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown key(s) ['epoch'] in [train]" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="--set takes KEY=VALUE"):
+        main(["finetune", str(recipe), "--out", str(tmp_path / "run"), "--set", "epochs"])
+
+
+@pytest.mark.slow
+def test_finetune_then_evaluate_on_real_reviews(tmp_path):
+    recipe = tmp_path / "small.toml"
+    recipe.write_text(SMALL.format(methods='["base", "keras_lora", "bias_injection"]', epochs=1, train=32))
+    run = tmp_path / "run"
+    result = kbi("finetune", str(recipe), "--out", str(run), "--set", "inject.rank=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    methods = [row["method"] for row in report["results"]]
+    assert methods == ["base", "keras_lora", "bias_injection", "bias_injection (control off)"]
+    for row in report["results"]:
+        assert row["metric"] == "accuracy" and 0.0 <= row["value"] <= 1.0 and row["trainable_params"] > 0
+    injected = report["results"][2]
+    assert injected["base_weights_unchanged"] is True
+    assert report["results"][0]["trainable_params"] == 770  # the head: 384 x 2 + 2
+    assert (run / "curves.png").stat().st_size > 1000
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "classifier.keras").is_file()
+    assert "| bias_injection |" in result.stdout  # the results table
+
+    result = kbi("evaluate", str(run), "--control", "1", "--control", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("control")]
+    on, off = (float(line.split()[-1]) for line in lines)
+    assert on == pytest.approx(injected["value"], abs=1e-6)  # the reloaded adapter scores the same
+    assert off == pytest.approx(report["results"][3]["value"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_redoing_finished_methods(tmp_path):
+    recipe = tmp_path / "resume.toml"
+    recipe.write_text(SMALL.format(methods='["base", "bias_injection"]', epochs=3, train=64))
+    run = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen([sys.executable, "-m", "keras_biasinject.cli.main", "finetune", str(recipe), "--out", str(run)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 400
+    while not (run / "backup" / "bias_injection" / "state").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.5)  # wait until the second method has backed up its first epoch
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Run the same command again to resume" in err
+    first = json.loads((run / "report.json").read_text())
+    assert [row["method"] for row in first["results"]] == ["base"]
+    assert (run / "backup" / "bias_injection" / "state" / "latest.weights.h5").exists()  # kept for the resume
+    # A backup torn by a kill during the next write is ignored: the complete one is used.
+    torn = run / "backup" / "bias_injection" / "state.partial"
+    torn.mkdir()
+    (torn / "latest.weights.h5").write_bytes(b"half a file")
+
+    result = kbi("finetune", str(recipe), "--out", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["results"][0] == first["results"][0]  # not redone
+    assert len(report["history"]["bias_injection"]["loss"]) < 3  # resumed after epoch 1, not from scratch
+    assert [row["method"] for row in report["results"]][1:] == ["bias_injection", "bias_injection (control off)"]
+    assert not (run / "backup" / "bias_injection").exists()  # removed once the method finished
+
+    # Another recipe into the same folder is refused; the finished report stays as it was.
+    before = (run / "report.json").read_text()
+    result = kbi("finetune", str(recipe), "--out", str(run), "--set", "train.epochs=1")
+    assert result.returncode == 2 and "holds the report of a different recipe" in result.stderr
+    assert (run / "report.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_generate_with_and_without_an_adapter(tmp_path):
+    result = kbi("generate", "smollm2-135m", "--prompt", "The capital of France is", "--max-length", "12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("The capital of France is") and "Paris" in result.stdout
+    result = kbi("generate", "smollm2-135m", "--prompt", "Hi", "--control", "1")
+    assert result.returncode == 2 and "--control needs --adapter" in result.stderr

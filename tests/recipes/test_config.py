@@ -1,0 +1,75 @@
+import pytest
+
+from keras_biasinject.recipes import Recipe, load_recipe
+from keras_biasinject.recipes.config import set_key
+
+GOOD = """
+task = "classification"
+[model]
+spec = "minilm-l6"
+[data]
+source = "small_fine_foods"
+text_column = "review"
+label_column = "label"
+control_map = { great = 1.0, other = 1.0 }
+[train]
+epochs = 1
+"""
+
+
+def write(tmp_path, text, name="r.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_recipes_load():
+    import pathlib
+
+    folder = pathlib.Path(__file__).resolve().parents[2] / "recipes"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["classify_fine_foods.toml", "my_data.yaml", "steer_reviews_lm.toml"]
+    classify = load_recipe(folder / "classify_fine_foods.toml")
+    assert classify.task == "classification" and classify.train.methods == ["base", "keras_lora", "bias_injection"]
+    steer = load_recipe(folder / "steer_reviews_lm.toml")
+    assert steer.task == "causal_lm" and steer.data["control_map"] == {"great": 1.0, "other": -1.0}
+    assert steer.steer.judge == "runs/classify"
+    mine = load_recipe(folder / "my_data.yaml")
+    assert mine.name == "my_data" and mine.train.epochs == 3
+
+
+def test_overrides_and_round_trip(tmp_path):
+    recipe = load_recipe(write(tmp_path, GOOD), [("train.epochs", 3), ("inject.rank", 4), ("model.sequence_length", 64)])
+    assert (recipe.train.epochs, recipe.inject.rank, recipe.model.sequence_length) == (3, 4, 64)
+    assert Recipe(**recipe.to_dict()).to_dict() == recipe.to_dict()
+    data = {}
+    set_key(data, "a.b.c", 1)
+    assert data == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (GOOD.replace("epochs = 1", "epoch = 1"), r"unknown key\(s\) \['epoch'\] in \[train\]. Allowed keys: \[.*'epochs'"),
+        (GOOD.replace('task = "classification"', 'task = "regression"'), r"task must be one of \['classification', 'causal_lm'\]. Got task='regression'"),
+        (GOOD + 'methods = ["base", "lora"]\n', r"methods must be distinct names from \['base', 'keras_lora', 'full', 'bias_injection'\]. Got methods=\['base', 'lora'\]"),
+        (GOOD.replace("epochs = 1", "epochs = 0"), r"\[train\] epochs must be a positive integer. Got epochs=0"),
+        (GOOD.replace("epochs = 1", "learning_rate = -1"), r"\[train\] learning_rate must be a positive number. Got learning_rate=-1"),
+        (GOOD + '[inject]\nrank = "8"\n', r"\[inject\] InjectionConfig: `rank` must be a positive integer. Got rank='8'"),
+        (GOOD + "[steer]\njudge = 'x'\n", r"\[steer\] is for task='causal_lm'"),
+        ("stray = 1\n" + GOOD, r"unknown key\(s\) \['stray'\] at the top of"),
+        ("task = [", r"is not valid TOML"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_the_allowed_values(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(write(tmp_path, text))
+
+
+def test_file_types(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_recipe(tmp_path / "missing.toml")
+    with pytest.raises(ValueError, match=r"must end in .toml, .yaml or .yml"):
+        load_recipe(write(tmp_path, GOOD, "r.txt"))
+    yaml_recipe = load_recipe(write(tmp_path, "task: causal_lm\nmodel: {spec: smollm2-135m}\n", "r.yaml"))
+    assert yaml_recipe.task == "causal_lm" and yaml_recipe.model.spec == "smollm2-135m"
