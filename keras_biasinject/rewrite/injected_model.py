@@ -85,6 +85,10 @@ class InjectedModel:
     def __call__(self, inputs, *args, **kwargs):
         if isinstance(inputs, dict) and _is_names(inputs.get("control")):  # names -> vectors, before tracing
             inputs = {**inputs, "control": self.resolve_control(inputs["control"])}
+        if isinstance(inputs, dict) and isinstance(inputs.get("control"), (np.ndarray, list, tuple, float, int)):
+            # Keras refuses a dict that mixes tensors (from a preprocessor) with arrays: match them.
+            if any(keras.ops.is_tensor(v) for k, v in inputs.items() if k != "control"):
+                inputs = {**inputs, "control": keras.ops.convert_to_tensor(inputs["control"], "float32")}
         return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, *args, **kwargs):
@@ -98,6 +102,10 @@ class InjectedModel:
 
     def get_config(self):
         base_config = super().get_config()
+        # KerasHub 0.32's Llama backbones take `tie_word_embeddings` but leave it out of get_config,
+        # so a tied model (SmolLM2) would come back untied, with one weight more. Keep it.
+        if hasattr(self, "tie_word_embeddings") and "tie_word_embeddings" not in base_config:
+            base_config["tie_word_embeddings"] = bool(self.tie_word_embeddings)
         backbone = base_config.get("backbone")
         if isinstance(backbone, dict) and backbone.get("registered_name") == f"keras_biasinject>{REGISTERED_NAME}":
             base_config["backbone"] = _plain(backbone["config"])  # the task's from_config re-injects it

@@ -62,12 +62,19 @@ def test_config_errors_name_the_key(tmp_path, capsys):
         main(["finetune", str(recipe), "--out", str(tmp_path / "run"), "--set", "epochs"])
 
 
-@pytest.mark.slow
-def test_finetune_then_evaluate_on_real_reviews(tmp_path):
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory):
+    """A finished classification run on a small budget: (run folder, kbi's result)."""
+    tmp_path = tmp_path_factory.mktemp("classify")
     recipe = tmp_path / "small.toml"
     recipe.write_text(SMALL.format(methods='["base", "keras_lora", "bias_injection"]', epochs=1, train=32))
     run = tmp_path / "run"
-    result = kbi("finetune", str(recipe), "--out", str(run), "--set", "inject.rank=2")
+    return run, kbi("finetune", str(recipe), "--out", str(run), "--set", "inject.rank=2")
+
+
+@pytest.mark.slow
+def test_finetune_then_evaluate_on_real_reviews(classify_run):
+    run, result = classify_run
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     methods = [row["method"] for row in report["results"]]
@@ -134,3 +141,50 @@ def test_generate_with_and_without_an_adapter(tmp_path):
     assert result.stdout.startswith("The capital of France is") and "Paris" in result.stdout
     result = kbi("generate", "smollm2-135m", "--prompt", "Hi", "--control", "1")
     assert result.returncode == 2 and "--control needs --adapter" in result.stderr
+
+
+STEER = """
+task = "causal_lm"
+[model]
+spec = "smollm2-135m"
+sequence_length = 16
+[data]
+source = "small_fine_foods"
+text_column = "review"
+label_column = "label"
+control_map = {{ great = 1.0, other = -1.0 }}
+[inject]
+rank = 2
+[train]
+methods = ["base", "bias_injection"]
+epochs = 1
+batch_size = 4
+max_train_examples = 8
+max_eval_examples = 4
+[steer]
+judge = "{judge}"
+controls = [-1.0, 0.0, 1.0]
+samples = 2
+max_length = 12
+"""
+
+
+@pytest.mark.slow
+def test_lm_recipe_steers_and_its_neutral_control_is_the_base(classify_run, tmp_path):
+    judge, result = classify_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    recipe = tmp_path / "steer.toml"
+    recipe.write_text(STEER.format(judge=judge))
+    run = tmp_path / "run"
+    result = kbi("finetune", str(recipe), "--out", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    rows = {row["method"]: row for row in report["results"]}
+    assert set(rows) == {"base", "bias_injection"} and rows["base"]["metric"] == "perplexity"
+    assert rows["base"]["seconds"] < 60 and 1.0 < rows["base"]["value"] < 1e4  # zero-shot: no training
+    assert rows["bias_injection"]["base_weights_unchanged"] is True
+    steering = report["steering"]
+    assert steering["controls"] == [-1.0, 0.0, 1.0] and len(steering["positive_share"]) == 3
+    assert steering["neutral_equals_base"] is True  # gate "control": control 0 generates the base's text
+    assert steering["positive_share"][1] == steering["base_positive_share"]
+    assert (run / "steering.png").stat().st_size > 1000

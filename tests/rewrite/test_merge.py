@@ -127,3 +127,17 @@ def test_int8_base_works_unmerged_and_merge_says_why_not():
     with pytest.raises(ValueError, match=r"merge: the base of 'transformer_layer_0/self_attention/(query|value)' \(and 3 more\) is quantized"):
         merge(lm, [1.0])
     assert all(np.array_equal(snapshot(lm)[p], v) for p, v in after.items())
+
+
+def test_tied_llama_round_trips_and_merges(tmp_path):
+    # KerasHub 0.32 drops `tie_word_embeddings` from Llama's get_config (SmolLM2 is tied).
+    cls, kwargs, _, task = TINY["Llama3"]
+    keras.utils.set_random_seed(0)
+    lm = getattr(keras_hub.models, task)(backbone=getattr(keras_hub.models, cls)(**kwargs, tie_word_embeddings=True), preprocessor=None)
+    x = {"token_ids": np.random.default_rng(0).integers(1, V, (2, 6)), "padding_mask": np.ones((2, 6), "int32")}
+    base_out = out(lm, x)
+    lm = inject(lm, rank=2)
+    assert len(merge(lm).weights) == len(lm.weights) - 16 and np.array_equal(out(merge(lm), x), base_out)
+    lm.save(tmp_path / "tied.keras")
+    loaded = keras.models.load_model(tmp_path / "tied.keras")
+    assert loaded.backbone.tie_word_embeddings and np.array_equal(out(loaded, x), base_out)
