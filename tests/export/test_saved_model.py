@@ -1,0 +1,166 @@
+"""SavedModel export: loads and runs with TensorFlow alone, equal to the Keras model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+from keras_biasinject import DecayFeedback, inject
+from keras_biasinject.export import export_saved_model, next_version
+from tests.rewrite.tiny_models import BATCH, TINY, VOCAB, V, gpt2, out, tokens, train
+
+# Runs in a fresh process: TensorFlow only, then proves neither keras_hub nor this package came in.
+TF_ONLY = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    path, requests, result = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
+    loaded = tf.saved_model.load(path)
+    outputs = {}
+    for i, (signature, inputs) in enumerate(requests):
+        fn = loaded.signatures[signature]
+        args = {k: tf.constant(np.asarray(v["value"], v["dtype"])) for k, v in inputs.items()}
+        outputs[str(i)] = {k: v.numpy().tolist() for k, v in fn(**args).items()}
+    banned = [m for m in sys.modules if m.split(".")[0] in ("keras_hub", "keras_biasinject", "keras_nlp")]
+    assert not banned, banned
+    json.dump(outputs, open(result, "w"))
+""")
+
+
+def run_tf_only(tmp_path, path, requests):
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
+    (tmp_path / "tf_only.py").write_text(TF_ONLY)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, str(tmp_path / "tf_only.py"), path, str(tmp_path / "requests.json"), str(tmp_path / "out.json")],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "out.json").read_text())
+    return [{k: np.asarray(v) for k, v in data[str(i)].items()} for i in range(len(requests))]
+
+
+def request(x, **extra):
+    fields = {k: {"value": np.asarray(v).tolist(), "dtype": "int32"} for k, v in x.items()}
+    fields.update({k: {"value": np.asarray(v).tolist(), "dtype": dtype} for k, (v, dtype) in extra.items()})
+    return fields
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model = inject(keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None), rank=4, control_dim=2)
+    train(model, {**tokens(), "control": np.random.default_rng(0).normal(size=(BATCH, 2)).astype("float32")})
+    model.add_control("positive", [1.0, 0.5])
+    model.add_control("negative", [-1.0, 0.0])
+    return model
+
+
+def test_serve_runs_with_tensorflow_alone_and_equals_keras(lm, tmp_path):
+    feedback = DecayFeedback(control_dim=2, half_life=10.0)
+    path = export_saved_model(lm, tmp_path / "serving", "lm", feedback=feedback)
+    assert path == str(tmp_path / "serving" / "lm" / "1")
+    cases, requests = [], []
+    rng = np.random.default_rng(3)
+    for batch, seq in [(1, 5), (3, 8)]:  # two batch sizes, two sequence lengths
+        x = {"token_ids": rng.integers(1, VOCAB, (batch, seq)), "padding_mask": np.ones((batch, seq), "int32")}
+        c = rng.normal(size=(batch, 2)).astype("float32")
+        cases.append(out(lm, {**x, "control": c}))
+        requests.append(["serve", request(x, control=(c, "float32"))])
+    x = {"token_ids": rng.integers(1, VOCAB, (3, 6)), "padding_mask": np.ones((3, 6), "int32")}
+    named = out(lm, {**x, "control": ["positive", "negative", "positive"]})
+    requests.append(["serve_named", request(x, control_name=(["positive", "negative", "positive"], "str"))])
+    state, signal_, elapsed = rng.normal(size=(2, 2)).astype("float32"), rng.normal(size=(2, 2)).astype("float32"), np.array([0.0, 10.0], "float32")
+    control, new_state = (keras.ops.convert_to_numpy(t) for t in feedback(signal_, state=state, elapsed=elapsed))
+    requests.append(["feedback_step", {"state": {"value": state.tolist(), "dtype": "float32"},
+                                       "feedback": {"value": signal_.tolist(), "dtype": "float32"},
+                                       "elapsed": {"value": elapsed.tolist(), "dtype": "float32"}}])
+    prompt = tokens(batch=2)
+    prompt["padding_mask"][:, 3:] = 0  # 3 prompt tokens, 5 to generate
+    gc = np.array([[1.0, 0.5], [-1.0, 0.0]], "float32")
+    lm.compile(sampler="greedy")
+    generated = keras.ops.convert_to_numpy(lm.generate(dict(prompt), stop_token_ids=None, control=gc)["token_ids"])
+    requests.append(["generate", request(prompt, control=(gc, "float32"))])
+    results = run_tf_only(tmp_path, path, requests)
+    assert np.array_equal(results[4]["token_ids"], generated)  # the same greedy continuation
+    for expected, got in zip(cases, results[:2]):
+        np.testing.assert_allclose(got["logits"], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results[2]["logits"], named, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results[3]["control"], control, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(results[3]["new_state"], new_state, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new_state[1], 0.5 * state[1] + signal_[1], rtol=1e-5)  # one half-life later
+
+    shown = subprocess.run(["saved_model_cli", "show", "--dir", path, "--all"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for text in ["signature_def['serve']", "signature_def['serve_named']", "signature_def['feedback_step']", "signature_def['generate']",
+                 "inputs['control']", "inputs['control_name']", "inputs['token_ids']", "outputs['logits']"]:
+        assert text in shown.stdout, text
+
+
+def test_merged_control_and_classifier_probabilities(lm, tmp_path):
+    cls, kwargs, extra, task = TINY["BERT"]
+    keras.utils.set_random_seed(0)
+    clf = inject(getattr(keras_hub.models, task)(backbone=getattr(keras_hub.models, cls)(**kwargs), num_classes=3, preprocessor=None),
+                 rank=2, trainable=["logits"])
+    rng = np.random.default_rng(1)
+    x = {"token_ids": rng.integers(1, V, (2, 7)), "padding_mask": np.ones((2, 7), "int32"), "segment_ids": np.zeros((2, 7), "int32")}
+    c = np.array([[0.7], [-0.2]], "float32")
+    clf_path = export_saved_model(clf, tmp_path, "clf")
+    merged_path = export_saved_model(lm, tmp_path, "lm_positive", control="positive")
+    lx = tokens()
+    requests = [["serve", request(x, control=(c, "float32"))], ["serve", request(lx)]]
+    got_clf = run_tf_only(tmp_path, clf_path, requests[:1])[0]
+    logits = out(clf, {**x, "control": c})
+    np.testing.assert_allclose(got_clf["logits"], logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_clf["probabilities"], keras.ops.convert_to_numpy(keras.ops.softmax(logits)), rtol=1e-5, atol=1e-6)
+    got_merged = run_tf_only(tmp_path, merged_path, requests[1:])[0]
+    steered = out(lm, {**lx, "control": np.tile([[1.0, 0.5]], (BATCH, 1)).astype("float32")})
+    np.testing.assert_allclose(got_merged["logits"], steered, rtol=1e-5, atol=1e-5 * np.abs(steered).max())
+    shown = subprocess.run(["saved_model_cli", "show", "--dir", merged_path, "--tag_set", "serve", "--signature_def", "serve"],
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "inputs['token_ids']" in shown and "control" not in shown  # merged: the base's inputs only
+
+
+def test_versions_are_never_overwritten_silently(lm, tmp_path):
+    first = export_saved_model(lm, tmp_path, "lm")
+    assert next_version(tmp_path, "lm") == 2
+    with pytest.raises(FileExistsError, match="exists; TF Serving may be serving it. Pass overwrite=True"):
+        export_saved_model(lm, tmp_path, "lm", version=1)
+    stamp = os.stat(os.path.join(first, "saved_model.pb")).st_mtime_ns
+    assert os.stat(os.path.join(first, "saved_model.pb")).st_mtime_ns == stamp
+    export_saved_model(lm, tmp_path, "lm", version=1, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "lm")) == ["1"]  # replaced in place, no temporary folders left
+    with pytest.raises(ValueError, match="`version` must be a positive integer"):
+        export_saved_model(lm, tmp_path, "lm", version=0)
+    with pytest.raises(ValueError, match="this model has no adapters"):
+        export_saved_model(gpt2(), tmp_path, "plain", control=[1.0])
+
+
+@pytest.mark.slow
+def test_an_interrupted_export_leaves_no_version(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.getcwd()!r})
+        import keras_hub
+        from keras_biasinject import inject
+        from keras_biasinject.export import export_saved_model
+        from tests.rewrite.tiny_models import gpt2
+        lm = inject(keras_hub.models.GPT2CausalLM(backbone=gpt2(num_layers=2), preprocessor=None))
+        export_saved_model(lm, {str(tmp_path)!r}, "lm")
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (tmp_path / "lm").is_dir() and any(p.name.startswith(".1.partial-") for p in (tmp_path / "lm").iterdir()):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the export finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "lm" / "1").exists()  # TF Serving sees no version
+    assert next_version(tmp_path, "lm") == 1
