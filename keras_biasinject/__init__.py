@@ -33,6 +33,8 @@ _EXPORTS = {
     "Recipe": "keras_biasinject.recipes",
     "load_recipe": "keras_biasinject.recipes",
     "finetune": "keras_biasinject.recipes",
+    "export_saved_model": "keras_biasinject.export",
+    "export_onnx": "keras_biasinject.export",
 }
 
 

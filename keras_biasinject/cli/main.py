@@ -4,6 +4,7 @@
     kbi finetune recipes/classify_fine_foods.toml --out runs/cls --set train.epochs=3
     kbi evaluate runs/cls --control 1 --control 0
     kbi generate smollm2-135m --adapter runs/lm/adapter --prompt "This tea" --control 1
+    kbi export runs/cls --out serving --name reviews       # serving/reviews/1, for TF Serving
     kbi models
 """
 
@@ -90,6 +91,39 @@ def cmd_generate(args):
         print(text)
 
 
+def cmd_export(args):
+    from keras_biasinject.export import export_onnx, export_saved_model
+
+    source = Path(args.source)
+    if source.is_dir() and (source / "report.json").is_file():
+        from keras_biasinject.recipes.evaluate import load_run_model
+
+        _, model = load_run_model(source)
+    elif source.suffix == ".keras" and source.is_file():
+        import keras
+
+        import keras_biasinject  # noqa: F401  (registers the injected model class)
+
+        model = keras.models.load_model(source)
+    else:
+        raise FileNotFoundError(f"export: {str(source)!r} is neither a run folder (with report.json) nor a .keras file.")
+    control = None
+    if args.control is not None:
+        from keras_biasinject.recipes.evaluate import parse_control
+
+        control = parse_control(args.control)
+    feedback = None
+    if args.feedback_half_life is not None:
+        from keras_biasinject.layers import DecayFeedback
+
+        feedback = DecayFeedback(control_dim=model.injection.config.control_dim, half_life=args.feedback_half_life,
+                                 neutral=model.injection.config.neutral)
+    path = export_saved_model(model, args.out, args.name, args.version, control=control, feedback=feedback, overwrite=args.overwrite)
+    print(f"SavedModel: {path}")
+    if args.onnx:
+        print(f"ONNX: {export_onnx(model, args.onnx, control=control, overwrite=args.overwrite)}")
+
+
 def cmd_models(args):
     from keras_biasinject.models import available_models
 
@@ -132,6 +166,17 @@ def build_parser():
     p.add_argument("--control", help="a number, comma-separated numbers, or a named control stored with the adapter")
     p.add_argument("--max-length", type=int, default=64, help="total tokens, prompt included (default 64)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="export a run (or a .keras model) as a SavedModel for TF Serving, optionally ONNX")
+    p.add_argument("source", help="a run folder written by `kbi finetune`, or a .keras file")
+    p.add_argument("--out", required=True, help="TF Serving's model base path; the export goes to OUT/NAME/VERSION")
+    p.add_argument("--name", default="model", help="model name in TF Serving's URLs (default: model)")
+    p.add_argument("--version", type=int, help="version number (default: one more than the highest there)")
+    p.add_argument("--control", help="merge this control (numbers or a stored name) into the weights: no control input")
+    p.add_argument("--feedback-half-life", type=float, help="add a feedback_step signature with this half-life")
+    p.add_argument("--onnx", help="also write the serve signature as this ONNX file (needs the onnx extra)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version / file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the models that can be loaded here")
     p.set_defaults(func=cmd_models)

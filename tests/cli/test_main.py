@@ -39,7 +39,7 @@ def kbi(*args, timeout=600):
 
 
 def test_every_command_has_help(capsys):
-    for command in ["finetune", "demo", "evaluate", "generate", "models"]:
+    for command in ["finetune", "demo", "evaluate", "generate", "export", "models"]:
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([command, "--help"])
         assert exit_info.value.code == 0
@@ -94,6 +94,14 @@ def test_finetune_then_evaluate_on_real_reviews(classify_run):
     on, off = (float(line.split()[-1]) for line in lines)
     assert on == pytest.approx(injected["value"], abs=1e-6)  # the reloaded adapter scores the same
     assert off == pytest.approx(report["results"][3]["value"], abs=1e-6)
+
+    serving = run.parent / "serving"
+    result = kbi("export", str(run), "--out", str(serving), "--name", "reviews", "--feedback-half-life", "60")
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = subprocess.run(["saved_model_cli", "show", "--dir", str(serving / "reviews" / "1"), "--all"], capture_output=True, text=True).stdout
+    assert "signature_def['serve']" in shown and "signature_def['feedback_step']" in shown and "outputs['probabilities']" in shown
+    result = kbi("export", str(run), "--out", str(serving), "--name", "reviews", "--version", "1")
+    assert result.returncode == 2 and "exists; TF Serving may be serving it" in result.stderr
 
 
 @pytest.mark.slow
