@@ -124,6 +124,15 @@ def cmd_export(args):
         print(f"ONNX: {export_onnx(model, args.onnx, control=control, overwrite=args.overwrite)}")
 
 
+def cmd_serve(args):
+    from keras_biasinject.serving.app import Limits, serve
+
+    store = args.store or str(Path(args.export_dir) / "sessions.sqlite")
+    print(f"serving {args.export_dir} on http://{args.host}:{args.port} (sessions: {store})", flush=True)
+    serve(args.export_dir, store, host=args.host, port=args.port,
+          limits=Limits(max_batch=args.max_batch, max_sequence=args.max_sequence, max_sessions=args.max_sessions))
+
+
 def cmd_models(args):
     from keras_biasinject.models import available_models
 
@@ -177,6 +186,16 @@ def build_parser():
     p.add_argument("--onnx", help="also write the serve signature as this ONNX file (needs the onnx extra)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version / file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve an export over TF Serving's REST API, with decaying per-session feedback")
+    p.add_argument("export_dir", help="BASE/NAME written by `kbi export` (the highest version is served)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501, as TF Serving's REST)")
+    p.add_argument("--store", help="SQLite file for session state (default: EXPORT_DIR/sessions.sqlite)")
+    p.add_argument("--max-batch", type=int, default=64, help="examples per predict request (default 64)")
+    p.add_argument("--max-sequence", type=int, default=1024, help="tokens per example (default 1024)")
+    p.add_argument("--max-sessions", type=int, default=100_000, help="sessions kept (default 100000)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list the models that can be loaded here")
     p.set_defaults(func=cmd_models)

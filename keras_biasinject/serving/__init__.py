@@ -1,0 +1,1 @@
+"""Serving an export with per-session, decaying feedback state (TensorFlow only)."""
