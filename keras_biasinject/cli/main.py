@@ -129,8 +129,25 @@ def cmd_serve(args):
 
     store = args.store or str(Path(args.export_dir) / "sessions.sqlite")
     print(f"serving {args.export_dir} on http://{args.host}:{args.port} (sessions: {store})", flush=True)
-    serve(args.export_dir, store, host=args.host, port=args.port,
+    serve(args.export_dir, store, host=args.host, port=args.port, source=args.source,
           limits=Limits(max_batch=args.max_batch, max_sequence=args.max_sequence, max_sessions=args.max_sessions))
+
+
+def cmd_adapt(args):
+    import urllib.error
+    import urllib.request
+
+    body = {"examples": json.loads(Path(args.examples).read_text()), "steps": args.steps,
+            "learning_rate": args.learning_rate, "max_loss_increase": args.max_loss_increase}
+    if args.heldout:
+        body["heldout"] = json.loads(Path(args.heldout).read_text())
+    request = urllib.request.Request(f"{args.server.rstrip('/')}/v1/models/{args.name}:adapt", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=3600) as response:
+            print(json.dumps(json.loads(response.read()), indent=2))
+    except urllib.error.HTTPError as error:
+        raise ValueError(json.loads(error.read()).get("error", str(error))) from None
 
 
 def cmd_models(args):
@@ -192,10 +209,21 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8501, help="port (default 8501, as TF Serving's REST)")
     p.add_argument("--store", help="SQLite file for session state (default: EXPORT_DIR/sessions.sqlite)")
+    p.add_argument("--source", help="the run folder or .keras file behind the export: enables :adapt (self-tuning)")
     p.add_argument("--max-batch", type=int, default=64, help="examples per predict request (default 64)")
     p.add_argument("--max-sequence", type=int, default=1024, help="tokens per example (default 1024)")
     p.add_argument("--max-sessions", type=int, default=100_000, help="sessions kept (default 100000)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("adapt", help="ask a running `kbi serve --source` for guarded self-tuning on feedback examples")
+    p.add_argument("server", help="the server's URL, e.g. http://127.0.0.1:8501")
+    p.add_argument("--name", default="model", help="model name (default: model)")
+    p.add_argument("--examples", required=True, help="JSON file: {input name: batch, ..., \"labels\": batch}")
+    p.add_argument("--heldout", help="JSON file of the same form; required the first time, then kept by the server")
+    p.add_argument("--steps", type=int, default=10, help="gradient steps (1..100, default 10)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="default 1e-3")
+    p.add_argument("--max-loss-increase", type=float, default=0.0, help="allowed relative held-out loss increase (default 0)")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("models", help="list the models that can be loaded here")
     p.set_defaults(func=cmd_models)

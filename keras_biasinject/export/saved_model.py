@@ -16,10 +16,14 @@ keras_hub. Signatures:
 - `feedback_step` (given a `DecayFeedback`): `state`, `feedback`, `elapsed` -> `new_state`,
   `control`, so that a stateless server and its client carry the decaying state between calls.
 
+With a `DecayFeedback`, its config and weights are kept in `assets.extra/keras_biasinject.json`
+(TF Serving ignores that folder), so that a server can publish a new version after self-tuning.
+
 The version folder appears in one rename: an interrupted export leaves no version that a server
 would load, and an existing version is replaced only with `overwrite=True`.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -170,6 +174,13 @@ def export_saved_model(model, base_dir, name="model", version=None, *, control=N
         if preprocessor is not None:
             model.preprocessor = None  # tokenizers need tensorflow-text ops; the export takes token ids
         archive.write_out(str(tmp / "saved_model"), verbose=False)
+        if feedback is not None:  # so that a server can re-export after self-tuning (serving/adapt.py)
+            extra = tmp / "saved_model" / "assets.extra"
+            extra.mkdir(exist_ok=True)
+            (extra / "keras_biasinject.json").write_text(json.dumps({"feedback": {
+                "config": keras.saving.serialize_keras_object(feedback),
+                "weights": [np.asarray(w).tolist() for w in feedback.get_weights()],
+            }}))
         if final.exists():  # overwrite=True: swap, so that a whole version is always there
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, old / "v")

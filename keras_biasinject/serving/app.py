@@ -9,12 +9,17 @@ Sessions (need an export with a `feedback_step` signature: `kbi export --feedbac
 - `POST /v1/sessions/<id>/feedback`: `{"feedback": [...]}` or `{"rating": r}`, `"timestamp"`
   optional (seconds; default now). Acknowledged means committed to the store.
 - `GET  /v1/sessions/<id>?at=T`: the state and control decayed to `T` (default now).
+Guarded self-tuning (needs `--source`, the run folder or .keras file behind the export):
+- `POST /v1/models/<name>:adapt`: `{"examples": {inputs..., "labels"}, "heldout": {...}, "steps",
+  "learning_rate", "max_loss_increase"}` -> a new version if the held-out loss did not worsen
+  beyond the threshold (409 with the reason, and the weights rolled back, otherwise).
 Every bad request gets a 4xx with `{"error": message}`; the server never answers 500 to bad input.
 """
 
 import dataclasses
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -136,12 +141,81 @@ def _tensor(name, value, spec, limits):
     return tf.constant(array, spec.dtype)
 
 
-def create_app(export_dir, store_path, limits=None, clock=time.time):
-    model = Model(export_dir)
+def _load_feedback(version_dir):
+    import keras
+
+    path = Path(version_dir) / "assets.extra" / "keras_biasinject.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())["feedback"]
+    layer = keras.saving.deserialize_keras_object(data["config"])
+    if not layer.built:
+        layer.build()
+    layer.set_weights([np.asarray(w, "float32") for w in data["weights"]])
+    return layer
+
+
+class Tuner:
+    """The Keras model behind the export, for `:adapt`; one adapt at a time."""
+
+    def __init__(self, source):
+        self.source, self.model, self.heldout = source, None, None
+        self.lock = threading.Lock()
+
+    def keras_model(self):
+        if self.model is None:
+            source = Path(self.source)
+            if source.is_dir() and (source / "report.json").is_file():
+                from keras_biasinject.recipes.evaluate import load_run_model
+
+                _, self.model = load_run_model(source)
+            else:
+                import keras
+
+                import keras_biasinject  # noqa: F401  (registers the injected model class)
+
+                self.model = keras.models.load_model(source)
+        return self.model
+
+
+def create_app(export_dir, store_path, limits=None, clock=time.time, source=None):
+    holder = {"model": Model(export_dir)}  # swapped whole when a new version is published
     store = SQLiteStore(store_path)
     limits = limits or Limits()
+    tuner = None if source is None else Tuner(source)
 
-    def session_control(session_id, at):
+    def adapt(name, body):
+        from keras_biasinject.export.saved_model import export_saved_model
+        from keras_biasinject.serving.adapt import guarded_adapt
+
+        current = holder["model"]
+        if name != current.name:
+            raise BadRequest(f"no model {name!r} here; this server serves {current.name!r}.", 404)
+        if tuner is None:
+            raise BadRequest("self-tuning needs the Keras model: start the server with `kbi serve ... --source RUN_OR_KERAS`.")
+        if "examples" not in body:
+            raise BadRequest("the body needs `examples` (inputs plus `labels`), and `heldout` the first time.")
+        with tuner.lock:
+            heldout = body.get("heldout", tuner.heldout)
+            if heldout is None:
+                raise BadRequest("no held-out set yet: send `heldout` (inputs plus `labels`) with the first adapt.")
+            try:
+                result = guarded_adapt(tuner.keras_model(), body["examples"], heldout, steps=body.get("steps", 10),
+                                       learning_rate=body.get("learning_rate", 1e-3),
+                                       max_loss_increase=body.get("max_loss_increase", 0.0))
+            except (ValueError, TypeError) as error:
+                raise BadRequest(str(error)) from None
+            tuner.heldout = heldout
+            answer = result.to_dict()
+            if not result.accepted:
+                raise BadRequest(json.dumps(answer), 409)
+            path = export_saved_model(tuner.keras_model(), current.path.parent.parent, current.name,
+                                      feedback=_load_feedback(current.path))
+            holder["model"] = Model(path)  # atomic swap: requests in flight keep the old one
+            return {**answer, "version": holder["model"].version}
+
+    def session_control(session_id, at, model=None):
+        model = model or holder["model"]
         if model.control_dim is None:
             raise BadRequest("this export has no feedback_step signature, so it keeps no sessions. "
                              "Export with `kbi export ... --feedback-half-life SECONDS`.")
@@ -153,6 +227,7 @@ def create_app(export_dir, store_path, limits=None, clock=time.time):
         return current, state, control
 
     def predict(name, body):
+        model = holder["model"]
         if name != model.name:
             raise BadRequest(f"no model {name!r} here; this server serves {model.name!r}.", 404)
         signature = body.get("signature_name", "serve")
@@ -162,7 +237,7 @@ def create_app(export_dir, store_path, limits=None, clock=time.time):
         columns, rows = _columns(body, specs)
         if "session" in body and "control" in specs and "control" not in columns:
             at = _number(body.get("timestamp", clock()), "timestamp")
-            _, _, control = session_control(str(body["session"]), at)
+            _, _, control = session_control(str(body["session"]), at, model)
             batch = len(next(iter(columns.values())))
             columns["control"] = [control] * batch
         unknown = sorted(set(columns) - set(specs))
@@ -188,6 +263,7 @@ def create_app(export_dir, store_path, limits=None, clock=time.time):
         return {"outputs": outputs if len(outputs) > 1 else next(iter(outputs.values()))}
 
     def feedback(session_id, body):
+        model = holder["model"]
         if model.control_dim is None:
             session_control(session_id, 0.0)  # raises the no-sessions error
         if "feedback" in body:
@@ -214,7 +290,7 @@ def create_app(export_dir, store_path, limits=None, clock=time.time):
             state, updated_at, updates = store.update(session_id, apply, limits.max_sessions)
         except SessionLimitError as error:
             raise BadRequest(str(error), 429) from None
-        _, _, control = session_control(session_id, updated_at)
+        _, _, control = session_control(session_id, updated_at, model)
         return {"session": session_id, "state": state, "control": control, "updated_at": updated_at, "updates": updates}
 
     def show(session_id, at):
@@ -243,19 +319,25 @@ def create_app(export_dir, store_path, limits=None, clock=time.time):
             return JSONResponse(await run_in_threadpool(work, body))
         except BadRequest as error:
             return JSONResponse({"error": str(error)}, error.status)
+        except Exception as error:  # a bug of ours, not the client's: say so, keep serving
+            return JSONResponse({"error": f"internal error: {type(error).__name__}: {error}"}, 500)
 
     async def model_route(request):
+        model = holder["model"]
         name, _, verb = request.path_params["name"].partition(":")
         if request.method == "POST":
-            if verb != "predict":
-                return JSONResponse({"error": f"unknown method {verb!r}; this server answers :predict."}, 404)
-            return await handle(request, lambda body: predict(name, body))
+            if verb == "predict":
+                return await handle(request, lambda body: predict(name, body))
+            if verb == "adapt":
+                return await handle(request, lambda body: adapt(name, body))
+            return JSONResponse({"error": f"unknown method {verb!r}; this server answers :predict and :adapt."}, 404)
         if name != model.name:
             return JSONResponse({"error": f"no model {name!r} here; this server serves {model.name!r}."}, 404)
         return JSONResponse({"model_version_status": [
             {"version": str(model.version), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
 
     async def metadata_route(request):
+        model = holder["model"]
         if request.path_params["name"] != model.name:
             return JSONResponse({"error": f"no model {request.path_params['name']!r} here."}, 404)
         return JSONResponse(model.metadata())
@@ -279,8 +361,8 @@ def create_app(export_dir, store_path, limits=None, clock=time.time):
     ])
 
 
-def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None):
+def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, source=None):
     """Runs the server until interrupted (binds loopback unless `host` says otherwise)."""
     import uvicorn
 
-    uvicorn.run(create_app(export_dir, store_path, limits), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(export_dir, store_path, limits, source=source), host=host, port=port, log_level="warning")

@@ -39,7 +39,7 @@ def kbi(*args, timeout=600):
 
 
 def test_every_command_has_help(capsys):
-    for command in ["finetune", "demo", "evaluate", "generate", "export", "models"]:
+    for command in ["finetune", "demo", "evaluate", "generate", "export", "serve", "adapt", "models"]:
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([command, "--help"])
         assert exit_info.value.code == 0

@@ -54,15 +54,15 @@ def oversized(port, path, length):
 
 
 class Server:
-    def __init__(self, export_dir, store):
-        self.export_dir, self.store, self.port = export_dir, store, free_port()
+    def __init__(self, export_dir, store, extra=()):
+        self.export_dir, self.store, self.port, self.extra = export_dir, store, free_port(), list(extra)
         self.start()
 
     def start(self):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "keras_biasinject.cli.main", "serve", str(self.export_dir), "--port", str(self.port),
-             "--store", str(self.store), "--max-batch", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             "--store", str(self.store), "--max-batch", "8", *self.extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -217,3 +217,50 @@ def test_bad_requests_get_a_clear_4xx(server, method, path, payload, status, mes
         got, body = call(server.port, method, path, body=None if raw else payload, raw=raw)
     assert got == status and re.search(message, body["error"]), body
     assert call(server.port, "GET", "/v1/models/lm")[0] == 200  # still serving
+
+
+@pytest.fixture(scope="module")
+def tuning_server(lm, tmp_path_factory):
+    base = tmp_path_factory.mktemp("tuning")
+    lm.save(base / "lm.keras")
+    export_saved_model(lm, base, "lm", feedback=DecayFeedback(control_dim=1, half_life=10.0))
+    srv = Server(base / "lm", base / "sessions.sqlite", extra=["--source", str(base / "lm.keras")])
+    yield srv, base
+    srv.kill(signal.SIGTERM)
+
+
+def test_adapt_publishes_only_when_heldout_loss_holds(tuning_server):
+    srv, base = tuning_server
+    x = tokens()
+    c = np.ones((BATCH, 1), "float32")
+    data = {**{k: v.tolist() for k, v in x.items()}, "control": c.tolist(), "labels": x["token_ids"].tolist()}
+    neutral = {"inputs": {**{k: v.tolist() for k, v in x.items()}, "control": np.zeros((BATCH, 1)).tolist()}}
+    steered = {"inputs": {**{k: v.tolist() for k, v in x.items()}, "control": c.tolist()}}
+    _, neutral_v1 = call(srv.port, "POST", "/v1/models/lm:predict", neutral)
+    _, steered_v1 = call(srv.port, "POST", "/v1/models/lm:predict", steered)
+
+    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": data, "heldout": data, "steps": 5, "learning_rate": 1e-2}, timeout=300)
+    assert status == 200 and body["accepted"] and body["version"] == 2, body
+    assert body["loss_after"] < body["loss_before"]
+    assert (base / "lm" / "2" / "saved_model.pb").is_file()
+    assert call(srv.port, "GET", "/v1/models/lm")[1]["model_version_status"][0]["version"] == "2"
+    _, neutral_v2 = call(srv.port, "POST", "/v1/models/lm:predict", neutral)
+    _, steered_v2 = call(srv.port, "POST", "/v1/models/lm:predict", steered)
+    assert neutral_v2 == neutral_v1  # the base never changes: the neutral control is still the base, exactly
+    assert steered_v2 != steered_v1
+
+    # Training on scrambled labels at a huge learning rate makes the held-out loss worse: rolled back.
+    noise = {**data, "labels": np.random.default_rng(5).integers(1, VOCAB, x["token_ids"].shape).tolist()}
+    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": noise, "steps": 20, "learning_rate": 1.0}, timeout=300)
+    assert status == 409 and "rolled back: held-out loss rose" in body["error"], body
+    assert not (base / "lm" / "3").exists()
+    assert call(srv.port, "POST", "/v1/models/lm:predict", steered)[1] == steered_v2  # still version 2's answers
+    (base / "noise.json").write_text(json.dumps(noise))
+    result = subprocess.run([sys.executable, "-m", "keras_biasinject.cli.main", "adapt", f"http://127.0.0.1:{srv.port}", "--name", "lm",
+                             "--examples", str(base / "noise.json"), "--steps", "20", "--learning-rate", "1.0"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 2 and "rolled back" in result.stderr  # kbi adapt says why
+    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": data, "steps": 1000})
+    assert status == 400 and "`steps` must be an integer from 1 to 100" in body["error"]
+    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": {"token_ids": [[1]]}})
+    assert status == 400 and "plus `labels`" in body["error"]
