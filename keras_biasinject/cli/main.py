@@ -2,6 +2,7 @@
 
     kbi demo --out runs/demo                      # the main job: MiniLM on Fine Food reviews
     kbi finetune recipes/classify_fine_foods.toml --out runs/cls --set train.epochs=3
+    kbi finetune recipes/classify_fine_foods.toml --out runs/cls --strategy mirrored   # all local GPUs
     kbi evaluate runs/cls --control 1 --control 0
     kbi generate smollm2-135m --adapter runs/lm/adapter --prompt "This tea" --control 1
     kbi export runs/cls --out serving --name reviews       # serving/reviews/1, for TF Serving
@@ -64,7 +65,7 @@ def cmd_finetune(args):
     if args.methods:
         overrides.append(("train.methods", args.methods.split(",")))
     recipe = load_recipe(_recipe_path(args.recipe), overrides)
-    report = finetune(recipe, args.out, verbose=1 if sys.stdout.isatty() else 2)
+    report = finetune(recipe, args.out, verbose=1 if sys.stdout.isatty() else 2, strategy=args.strategy)
     _print_table(report)
     print(f"\nreport: {Path(args.out) / 'report.json'}")
 
@@ -169,6 +170,10 @@ def build_parser():
         p.add_argument("--out", required=True, help="run folder: report.json, plots, logs, checkpoints, adapter")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.epochs=3 (repeatable)")
         p.add_argument("--methods", help="comma-separated methods to run, e.g. base,bias_injection")
+        p.add_argument("--strategy", choices=["default", "mirrored", "multi-worker", "tpu"], default="default",
+                       help="devices to train on: one (default), all local GPUs (mirrored), every worker in $TF_CONFIG "
+                            "(multi-worker; run the same command on each), or a TPU ($TPU_NAME). "
+                            "train.batch_size is the global batch")
 
     p = sub.add_parser("finetune", help="run a recipe: bias injection against the control groups")
     p.add_argument("recipe", help="a recipe file (.toml/.yaml) or a built-in recipe name")

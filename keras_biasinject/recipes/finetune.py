@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_biasinject.distribute.strategy import is_chief, make_strategy, per_replica_batch
+from keras_biasinject.distribute.workarounds import keras_fixes
 from keras_biasinject.data.pipeline import FILE_SUFFIXES, DataConfig, make_dataset
 from keras_biasinject.models.load import load
 from keras_biasinject.recipes.backup import AtomicBackupAndRestore
@@ -66,7 +68,9 @@ def _dataset(recipe, data, split, preprocessor, injected, shuffle):
     ds = make_dataset(config, preprocessor, split=None if source_is_file else split)
     if not injected:  # the control groups have no control input
         ds = ds.map(lambda x, *rest: ({k: v for k, v in x.items() if k != "control"}, *rest))
-    return ds
+    options = tf.data.Options()  # multi-worker: each worker takes its slice of every global batch
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
 
 
 def _with_control(ds, value):
@@ -129,14 +133,21 @@ def _write_json(path, data):
     os.replace(tmp, path)
 
 
-def run_method(recipe, method, run_dir, verbose=1):
-    """Loads a fresh base, prepares `method`, fits it and returns (rows, history, model)."""
+def run_method(recipe, method, run_dir, verbose=1, strategy=None):
+    """Loads a fresh base, prepares `method`, fits it and returns (rows, history, model).
+
+    `strategy`: a tf.distribute strategy (see keras_biasinject.distribute.make_strategy); the model,
+    its adapters and the optimizer are made in its scope. `recipe.train.batch_size` is the global
+    batch, split evenly over the strategy's replicas."""
+    strategy = strategy or tf.distribute.get_strategy()
+    per_replica_batch(recipe.train.batch_size, strategy)  # raises unless it divides evenly
     keras.utils.set_random_seed(recipe.train.seed)
     extra = {}
     if recipe.task == "classification":
         extra["num_classes"] = recipe.model.num_classes or len(_data_config(recipe, _splits(recipe)[0]).class_names or [])
-    model = load(recipe.model.spec, task=LOAD_TASK[recipe.task], sequence_length=recipe.model.sequence_length, **extra)
-    model = PREPARE[method](model, recipe)
+    with strategy.scope():
+        model = load(recipe.model.spec, task=LOAD_TASK[recipe.task], sequence_length=recipe.model.sequence_length, **extra)
+        model = PREPARE[method](model, recipe)
     injected = isinstance(model, InjectedModel)
     preprocessor = model.preprocessor
     data, splits = _splits(recipe)
@@ -146,13 +157,15 @@ def run_method(recipe, method, run_dir, verbose=1):
     model.preprocessor = None  # the datasets are tokenized already; put back for generate and saving
     steps = int(train.cardinality().numpy()) * recipe.train.epochs
     trainable = count(model.trainable_weights)
-    _compile(model, recipe, steps, method)
+    with strategy.scope():
+        _compile(model, recipe, steps, method)
     frozen = _frozen_snapshot(model)
     start = time.perf_counter()
     history = {}
     if trainable and not (method == "base" and recipe.task == "causal_lm"):
-        fit = model.fit(train, validation_data=validation, epochs=recipe.train.epochs,
-                        callbacks=_callbacks(recipe, run_dir, method), verbose=verbose)
+        with keras_fixes():  # multi-worker fit: keras-team/keras#20329, tensorflow/tensorflow#72388
+            fit = model.fit(train, validation_data=validation, epochs=recipe.train.epochs,
+                            callbacks=_callbacks(recipe, run_dir, method), verbose=verbose)
         history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
     seconds = time.perf_counter() - start
     if injected and not _unchanged(model, frozen):
@@ -170,11 +183,18 @@ def run_method(recipe, method, run_dir, verbose=1):
     return rows, history, model
 
 
-def finetune(recipe, out_dir, verbose=1):
-    """Runs every method of `recipe` into `out_dir`; returns the report dict (also `report.json`)."""
+def finetune(recipe, out_dir, verbose=1, strategy="default"):
+    """Runs every method of `recipe` into `out_dir`; returns the report dict (also `report.json`).
+
+    `strategy`: "default", "mirrored", "multi-worker" (cluster from $TF_CONFIG) or "tpu"; or a
+    tf.distribute strategy. Under multi-worker every worker runs this same call; worker 0 writes
+    `out_dir`, the others `out_dir/worker-N` (their copies of the same results)."""
     from keras_biasinject.recipes.report import write_plots
 
+    strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
     run_dir = Path(out_dir)
+    if not is_chief(strategy):
+        run_dir = run_dir / f"worker-{strategy.cluster_resolver.task_id}"
     run_dir.mkdir(parents=True, exist_ok=True)
     report_path = run_dir / "report.json"
     as_json = json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as report.json holds them
@@ -191,7 +211,7 @@ def finetune(recipe, out_dir, verbose=1):
     for method in recipe.train.methods:
         if method in done:
             continue
-        rows, history, model = run_method(recipe, method, run_dir, verbose=verbose)
+        rows, history, model = run_method(recipe, method, run_dir, verbose=verbose, strategy=strategy)
         if method == "bias_injection":
             from keras_biasinject.rewrite.adapter_file import save_adapter
 
