@@ -1,0 +1,56 @@
+"""Regenerates the README's benchmark table from bench/results/*.json. Run: python bench/report.py"""
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def load(name):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def table():
+    lines = ["| benchmark | result | goal | command |", "|---|---|---|---|"]
+    if (r := load("exactness")):
+        worst = max(v["max_abs_diff"] for v in r["families"].values())
+        lines.append(f"| exactness at insertion, {len(r['families'])} families (all-linear) | max abs diff {worst} | 0.0 | `python bench/exactness.py` |")
+    if (r := load("train_step")):
+        s = r["steps"]
+        lines.append(
+            f"| train step, {r['model']}, batch {r['batch']} x {r['sequence_length']} ({r['device']}) | ours {s['bias_injection']['median_ms']:.0f} ms, "
+            f"KerasHub LoRA {s['keras_lora']['median_ms']:.0f} ms, full {s['full']['median_ms']:.0f} ms; ratio vs LoRA "
+            f"{r['ratio_vs_keras_lora']:.3f}, vs full {r['ratio_vs_full']:.3f} | <= 1.05, <= 0.75 | `python bench/train_step.py` |")
+    if (r := load("inference")):
+        f = r["forward"]
+        lines.append(
+            f"| forward, {r['model']}, batch {r['batch']} x {r['sequence_length']} ({r['device']}) | base {f['base']['median_ms']:.1f} ms, unmerged "
+            f"{f['unmerged']['median_ms']:.1f} ms ({r['ratio_unmerged_vs_base']:.3f}x), merged {f['merged']['median_ms']:.1f} ms "
+            f"({r['ratio_merged_vs_base']:.3f}x) | <= 1.10, <= 1.01 | `python bench/inference.py` |")
+    if (r := load("size")):
+        for name, m in r["models"].items():
+            lines.append(
+                f"| adapter size, {name}, rank {r['rank']} {r['targets']} | {m['trainable_params']:,} of {m['base_params']:,} params "
+                f"({100 * m['trainable_share']:.2f}%), {m['adapter_folder_bytes'] / 1e6:.1f} MB of {m['base_weight_bytes'] / 1e6:.0f} MB | | `python bench/size.py` |")
+    if (r := load("decay")):
+        lines.append(f"| decay, half-life {r['half_life_s']:.0f} s | measured half-life {r['measured_half_life_s']:.0f} s, max error vs 2^(-t/h) "
+                     f"{r['max_abs_error_vs_formula']:.1e} (`bench/results/decay.png`) | exact | `python bench/decay.py` |")
+    return "\n".join(lines)
+
+
+def main():
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md needs {START} and {END} around the benchmark table.")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{table()}\n{END}{tail}")
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
