@@ -30,6 +30,23 @@ def table():
             f"| forward, {r['model']}, batch {r['batch']} x {r['sequence_length']} ({r['device']}) | base {f['base']['median_ms']:.1f} ms, unmerged "
             f"{f['unmerged']['median_ms']:.1f} ms ({r['ratio_unmerged_vs_base']:.3f}x), merged {f['merged']['median_ms']:.1f} ms "
             f"({r['ratio_merged_vs_base']:.3f}x) | <= 1.10, <= 1.01 | `python bench/inference.py` |")
+    if (r := load("memory")):
+        m = r["runs"]
+        lines.append(
+            f"| peak memory of training, {r['model']}, batch {r['batch']} x {r['sequence_length']} | above the TF runtime: ours "
+            f"{m['bias_injection']['training_mb']:.0f} MB, KerasHub LoRA {m['keras_lora']['training_mb']:.0f} MB, full {m['full']['training_mb']:.0f} MB "
+            f"({r['ratio_training_mb_vs_full']:.2f}x full) | | `python bench/memory.py` |")
+    if (r := load("quality")):
+        for name, q in r["accuracy"].items():
+            lines.append(f"| quality, {r['model']} on Fine Foods ({r['train_examples']} reviews, {r['epochs']} epochs, 3 seeds): {name} | "
+                         f"accuracy {q['mean']:.4f} +/- {q['stdev']:.4f} | | `python bench/quality.py` |")
+    if (r := load("steering")):
+        st = r["steering"]
+        shares = ", ".join(f"{c:+g}: {s:.2f}" for c, s in zip(st["controls"], st["positive_share"]))
+        lines.append(f"| steering, {r['lm']}: share judged positive by control | {shares}; base {st['base_positive_share']:.2f}; "
+                     f"neutral = base: {st['neutral_equals_base']} (`bench/results/steering.png`) | | `python bench/steering.py` |")
+        ppl = ", ".join(f"{k} {v:.2f}" for k, v in r["austen_perplexity"].items())
+        lines.append(f"| forgetting, Austen perplexity ({r['austen_paragraphs']} held-out paragraphs) | {ppl} | | `python bench/steering.py` |")
     if (r := load("size")):
         for name, m in r["models"].items():
             lines.append(
