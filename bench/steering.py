@@ -1,0 +1,67 @@
+"""Steering and forgetting with SmolLM2-135M, after `bench/quality.py` (its classifier is the judge).
+
+7. Steering: the LM recipe (control from the review label, +1 great / -1 other), then for controls
+   -1, -0.5, 0, 0.5, 1 the share of 64 generated reviews the fine-tuned MiniLM judges positive; the
+   neutral control's generations must equal the base model's.
+8. Forgetting: perplexity on held-out Jane Austen paragraphs of the base model and of the injected
+   model at the neutral control and at +/-1.
+Run: python bench/steering.py  -> bench/results/steering.json, steering.png"""
+
+import math
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import RESULTS, write  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def perplexities(lm, texts, controls):
+    import keras
+    import numpy as np
+
+    x, y, w = lm.preprocessor(texts)
+    preprocessor, lm.preprocessor = lm.preprocessor, None
+    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=None)
+    out = {}
+    for name, value in controls.items():
+        inputs = dict(x) if value is None else {**x, "control": np.full((len(texts), 1), value, "float32")}
+        loss = lm.evaluate(inputs, y, sample_weight=w, batch_size=16, verbose=0, return_dict=True)["loss"]
+        out[name] = math.exp(loss)
+    lm.preprocessor = preprocessor
+    return out
+
+
+def main():
+    from keras_biasinject.data import load_dataset
+    from keras_biasinject.recipes import finetune, load_recipe
+    from keras_biasinject.recipes.evaluate import load_run_model
+    from keras_biasinject.rewrite.merge import merge
+
+    judge = RESULTS / "runs" / "quality-seed0-control"
+    run = RESULTS / "runs" / "steering"
+    shutil.rmtree(run, ignore_errors=True)
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "steer_reviews_lm.toml"), [
+        ("steer.judge", str(judge)), ("steer.samples", 64), ("steer.max_length", 32),
+    ])
+    report = finetune(recipe, run, verbose=2)
+    shutil.copy(run / "steering.png", RESULTS / "steering.png")
+
+    _, lm = load_run_model(run)
+    texts = [t.decode() if isinstance(t, bytes) else str(t) for t, _ in
+             ((ex["text"].numpy(), None) for ex in load_dataset("jane_austen", "test").take(128))]
+    ppl = perplexities(lm, texts, {"control 0 (neutral)": 0.0, "control +1": 1.0, "control -1": -1.0})
+    base = merge(lm)
+    base.preprocessor = lm.preprocessor
+    ppl["base model"] = perplexities(base, texts, {"base": None})["base"]
+    write("steering", {
+        "lm": recipe.model.spec, "train_examples": recipe.train.max_train_examples, "epochs": recipe.train.epochs,
+        "results": report["results"], "steering": report["steering"], "austen_perplexity": ppl,
+        "austen_paragraphs": len(texts), "sequence_length": recipe.model.sequence_length,
+    })
+
+
+if __name__ == "__main__":
+    main()
