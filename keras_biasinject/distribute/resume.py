@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 
-from keras_biasinject.recipes.backup import AtomicBackupAndRestore
+from keras_biasinject.distribute.backup import AtomicBackupAndRestore
 
 
 class StepBackup(AtomicBackupAndRestore):

@@ -52,7 +52,7 @@ def evaluate_run(run, controls=(1.0, 0.0)):
     return rows
 
 
-def parse_control(text, control_dim=None):
+def parse_control(text):
     """"1" -> [1.0]; "1,-0.5" -> [1.0, -0.5]; anything else is a stored control name."""
     if text is None:
         return None

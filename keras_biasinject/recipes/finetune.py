@@ -22,7 +22,7 @@ from keras_biasinject.distribute.strategy import is_chief, make_strategy, per_re
 from keras_biasinject.distribute.workarounds import keras_fixes
 from keras_biasinject.data.pipeline import FILE_SUFFIXES, DataConfig, make_dataset
 from keras_biasinject.models.load import load
-from keras_biasinject.recipes.backup import AtomicBackupAndRestore
+from keras_biasinject.distribute.backup import AtomicBackupAndRestore
 from keras_biasinject.recipes.methods import PREPARE, count
 from keras_biasinject.rewrite.injected_model import InjectedModel
 

@@ -59,8 +59,8 @@ def steering_curve(lm, recipe, steer):
     neutral = np.broadcast_to(np.asarray(recipe.inject.neutral, "float32"), (dim,))
 
     def generate(control):
-        kwargs = {} if control is None else {"control": np.tile(np.asarray(control, "float32"), (len(prompts), 1))}
-        return [str(t) for t in lm.generate(prompts, max_length=steer.max_length, **kwargs)]
+        controls = np.tile(np.asarray(control, "float32"), (len(prompts), 1))
+        return [str(t) for t in lm.generate(prompts, max_length=steer.max_length, control=controls)]
 
     from keras_biasinject.rewrite.merge import merge
 

@@ -6,25 +6,26 @@ nothing. `update` is one transaction: once it returns, the new state is on disk 
 `kill -9` of the server), and concurrent updates to one session never interleave.
 """
 
+import abc
 import json
 import sqlite3
 import threading
 
 
-class SessionStore:
+class SessionStore(abc.ABC):
     """The interface a shared store (for several replicas) implements."""
 
+    @abc.abstractmethod
     def get(self, session_id):
         """(state list, updated_at, updates) or None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update(self, session_id, fn, max_sessions):
         """Atomically: `fn(current or None) -> (state, updated_at)`; returns the stored triple."""
-        raise NotImplementedError
 
 
 class SessionLimitError(Exception):
-    pass
+    """A new session would exceed the store's session limit."""
 
 
 class SQLiteStore(SessionStore):
