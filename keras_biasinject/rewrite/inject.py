@@ -110,6 +110,19 @@ def _count(weights):
     return int(sum(np.prod(w.shape) for w in weights))
 
 
+def refuse_silent_distribution(where):
+    """Raises if a `keras.distribution` is set on a backend where Keras ignores it (all but JAX)."""
+    distribution = keras.distribution.distribution()
+    if distribution is not None and keras.backend.backend() != "jax":
+        raise ValueError(
+            f"{where}: a keras.distribution ({type(distribution).__name__}) is set, but the Keras backend is "
+            f"{keras.backend.backend()!r}, where keras.distribution silently does nothing (every weight stays whole on "
+            "one device). Run with KERAS_BACKEND=jax to shard, or, to replicate over several devices on TensorFlow, unset "
+            "the distribution (keras.distribution.set_distribution(None)) and use a tf.distribute strategy "
+            "(keras_biasinject.distribute.make_strategy('mirrored' | 'multi-worker' | 'tpu'); kbi finetune --strategy)."
+        )
+
+
 def inject(model, config=None, **fields):
     """Splices control adapters into a KerasHub backbone or task, in place, and returns it.
 
@@ -135,6 +148,7 @@ def inject(model, config=None, **fields):
         config = InjectionConfig(**{**config.to_dict(), **fields})
     if isinstance(model, InjectedModel):
         raise ValueError(f"inject: this {type(model).__name__} is already injected; inject the base model once.")
+    refuse_silent_distribution("inject")
     backbone = _backbone_of(model)
     if isinstance(backbone, InjectedModel):
         raise ValueError("inject: this task's backbone is already injected; inject either the backbone or the task, once.")

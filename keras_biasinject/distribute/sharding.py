@@ -1,0 +1,95 @@
+"""Sharding a model too large for one device: `keras.distribution.ModelParallel`, JAX backend.
+
+    distribution = model_parallel(keras_hub.models.LlamaBackbone, model_devices=8)
+    with distribution.scope():                      # every weight is created sharded
+        lm = keras_biasinject.load("smollm2-135m", task="causal_lm")
+        lm = inject(lm, rank=8)                     # adapter weights follow their kernel's layout
+        lm.compile(...); lm.fit(...)
+
+The base weights are sharded by KerasHub's own `LayoutMap` for the backbone (`get_layout_map`:
+Llama, Mistral-style Llama3, Gemma, Qwen...) or by a `LayoutMap` you pass. Adapter weights the map
+does not name get the layout of the kernel they adapt: `A` (the kernel's shape, last axis -> rank)
+is sharded like the kernel's input axes, `B` (`[rank, out]`) like its last axis, the control kernel
+`V` (`[control_dim, *features]`) like its feature axes; the rank and control axes are never sharded.
+So `x A B` and `c V` need no more communication than the base projection `x K` does.
+
+Only the JAX backend shards: on TensorFlow (and torch) Keras accepts a `ModelParallel` and then
+silently keeps every weight whole on one device. `model_parallel` and `refuse_silent_distribution`
+(called by `inject` and `finetune`) raise instead; for several devices on TensorFlow use
+`make_strategy("mirrored" | "multi-worker" | "tpu")`, which replicates the model.
+"""
+
+import re
+
+import keras
+
+from keras_biasinject.rewrite.inject import refuse_silent_distribution  # noqa: F401 (re-exported)
+
+ADAPTER_WEIGHT = re.compile(r"^(?P<parent>.*/)?(?P<name>[^/]+)_(?:lora_bias|bias_inject)/(?P<weight>lora_a|lora_b|control_gain|control_kernel)$")
+
+
+class AdapterModelParallel(keras.distribution.ModelParallel):
+    """`ModelParallel` whose adapter weights, unless the `LayoutMap` names them, follow their kernel."""
+
+    def get_variable_layout(self, variable):
+        if getattr(variable, "_layout", None) is None and self._layout_map[variable.path] is None:
+            derived = self._adapter_layout(variable)
+            if derived is not None:
+                return derived
+        return super().get_variable_layout(variable)
+
+    def _adapter_layout(self, variable):
+        match = ADAPTER_WEIGHT.match(variable.path)
+        if match is None:
+            return None
+        kernel = self._layout_map[f"{match['parent'] or ''}{match['name']}/kernel"]
+        rank = len(variable.shape)
+        axes = [None] * rank
+        if kernel is not None:
+            source = list(kernel.axes)
+            weight = match["weight"]
+            if weight == "lora_a":  # the kernel's shape with its last axis replaced by the rank
+                axes = source[:-1] + [None]
+            elif weight == "lora_b":  # [rank, kernel.shape[-1]]
+                axes = [None, source[-1]]
+            elif weight == "control_kernel":  # [control_dim, *feature axes]: the kernel's trailing axes
+                axes = [None] + source[len(source) - (rank - 1):]
+            if len(axes) != rank:
+                axes = [None] * rank
+            sizes = dict(zip(self.device_mesh.axis_names, self.device_mesh.shape))
+            # an axis that does not divide over its mesh axis stays whole
+            axes = [a if a is None or variable.shape[i] % sizes[a] == 0 else None for i, a in enumerate(axes)]
+        return keras.distribution.TensorLayout(axes, self.device_mesh)
+
+
+def model_parallel(layout, model_devices=None, devices=None, model_dim="model", batch_dim="batch"):
+    """A `ModelParallel` distribution over `devices` (default: all) as a (batch, model) mesh.
+
+    `layout`: a KerasHub backbone class with `get_layout_map` (e.g. `keras_hub.models.LlamaBackbone`)
+    or a `keras.distribution.LayoutMap` (its mesh is used as is). `model_devices`: how many devices
+    each weight is sharded over (default: all of them); the rest form the data-parallel axis."""
+    if keras.backend.backend() != "jax":
+        raise ValueError(
+            f"model_parallel: keras.distribution shards weights only on the JAX backend; the backend is "
+            f"{keras.backend.backend()!r}, where Keras would silently keep every weight whole on one device. "
+            "Set KERAS_BACKEND=jax before importing Keras, or use make_strategy('mirrored' | 'multi-worker' | 'tpu') "
+            "to replicate the model over several devices with tf.distribute."
+        )
+    if isinstance(layout, keras.distribution.LayoutMap):
+        return AdapterModelParallel(layout_map=layout, batch_dim_name=batch_dim)
+    if not hasattr(layout, "get_layout_map"):
+        raise ValueError(
+            f"model_parallel: layout={getattr(layout, '__name__', layout)!r} has no get_layout_map. Pass a KerasHub backbone "
+            "class that has one (LlamaBackbone, Llama3Backbone, GemmaBackbone, QwenBackbone, ...) or your own "
+            "keras.distribution.LayoutMap."
+        )
+    devices = list(devices or keras.distribution.list_devices())
+    model_devices = len(devices) if model_devices is None else model_devices
+    if isinstance(model_devices, bool) or not isinstance(model_devices, int) or model_devices < 1 or len(devices) % model_devices:
+        raise ValueError(
+            f"model_parallel: model_devices must be a positive integer dividing the {len(devices)} devices; got "
+            f"model_devices={model_devices!r}. Use e.g. model_devices={len(devices)} (every weight over every device)."
+        )
+    mesh = keras.distribution.DeviceMesh((len(devices) // model_devices, model_devices), (batch_dim, model_dim), devices)
+    layout_map = layout.get_layout_map(mesh, model_parallel_dim_name=model_dim, data_parallel_dim_name=batch_dim)
+    return AdapterModelParallel(layout_map=layout_map, batch_dim_name=batch_dim)

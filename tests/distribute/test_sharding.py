@@ -1,0 +1,68 @@
+"""Sharding on the JAX backend (keras.distribution.ModelParallel), and its refusal on TensorFlow.
+
+sharded.py trains an injected tiny Llama unsharded and sharded over two host devices from the same
+weights on the same batches. Tolerance 1e-6: the sharded matmuls sum their partial products in a
+different order (measured: 2e-8).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+from keras_biasinject import inject
+from keras_biasinject.distribute.sharding import model_parallel
+from tests.rewrite.tiny_models import gpt2, out, snapshot, tokens
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded.py")
+
+
+@pytest.mark.distributed
+def test_sharded_jax_run_equals_the_unsharded_run(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = np.load(tmp_path / "run.npz")
+    specs = json.loads((tmp_path / "run.json").read_text())
+    # The base is sharded by KerasHub's Llama layout map; the adapters follow their kernels.
+    assert specs["transformer_layer_0/self_attention/query/kernel"] == ["model", "batch", None]
+    assert specs["transformer_layer_0/self_attention/query_lora_bias/lora_a"] == ["model", "batch", None]
+    assert specs["transformer_layer_0/self_attention/query_lora_bias/control_kernel"] == [None, "batch", None]
+    assert specs["transformer_layer_0/feedforward_output_dense_lora_bias/lora_a"] == ["model", None]
+    assert specs["transformer_layer_0/feedforward_gate_dense_lora_bias/lora_b"] == [None, "model"]
+    assert specs["transformer_layer_0/feedforward_gate_dense_lora_bias/control_gain"] == [None, None]
+    plain = {k[len("plain:"):]: data[k] for k in data.files if k.startswith("plain:")}
+    sharded = {k[len("sharded:"):]: data[k] for k in data.files if k.startswith("sharded:")}
+    assert sorted(plain) == sorted(sharded) and len(plain) == 2 * 7 * 4
+    for key in plain:
+        np.testing.assert_allclose(sharded[key], plain[key], rtol=0, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(data["sharded_logits"], data["plain_logits"], rtol=0, atol=1e-6)
+    assert max(np.abs(v).max() for k, v in plain.items() if k.endswith("lora_b")) > 1e-3  # the adapters did train
+
+
+def test_model_parallel_is_refused_on_the_tensorflow_backend():
+    assert keras.backend.backend() == "tensorflow"
+    with pytest.raises(ValueError, match=r"only on the JAX backend; the backend is 'tensorflow'.*KERAS_BACKEND=jax.*mirrored"):
+        model_parallel(keras_hub.models.LlamaBackbone)
+
+
+def test_inject_refuses_a_distribution_tensorflow_would_ignore():
+    backbone = gpt2()
+    x = tokens()
+    before, reference = snapshot(backbone), out(backbone, x)
+    mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"), keras.distribution.list_devices()[:1])
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=keras.distribution.LayoutMap(mesh)))
+    try:
+        with pytest.raises(ValueError, match=r"inject: a keras.distribution \(ModelParallel\) is set.*'tensorflow'.*silently does nothing"):
+            inject(backbone)
+    finally:
+        keras.distribution.set_distribution(None)
+    after = snapshot(backbone)
+    assert sorted(after) == sorted(before) and all(np.array_equal(after[k], before[k]) for k in before)
+    np.testing.assert_array_equal(out(backbone, x), reference)
+    assert "control" not in backbone.input and type(backbone) is keras_hub.models.GPT2Backbone
