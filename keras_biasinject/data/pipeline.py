@@ -44,7 +44,8 @@ class DataConfig:
     control_map: Optional[Mapping[str, Control]] = None  # label -> control (a number, or control_dim numbers)
     control_columns: Optional[Sequence[str]] = None  # numeric columns that form the control instead
     batch_size: int = 8  # examples per batch; the last batch may be smaller
-    shuffle_seed: Optional[int] = None  # None: keep the source's order; an int: reshuffle each epoch from it
+    shuffle_seed: Optional[int] = None  # None: keep the source's order; an int: shuffle from it
+    reshuffle: bool = True  # with shuffle_seed: a new order each epoch; False: one order, kept every epoch
 
     def __post_init__(self):
         if not isinstance(self.source, (str, Path)) or not str(self.source):
@@ -94,6 +95,8 @@ class DataConfig:
             raise ValueError(f"DataConfig: `batch_size` must be a positive integer. Got batch_size={self.batch_size!r}.")
         if self.shuffle_seed is not None and (isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int)):
             raise ValueError(f"DataConfig: `shuffle_seed` must be an integer or None. Got shuffle_seed={self.shuffle_seed!r}.")
+        if not isinstance(self.reshuffle, bool):
+            raise ValueError(f"DataConfig: `reshuffle` must be true or false. Got reshuffle={self.reshuffle!r}.")
 
     @property
     def control_dim(self):
@@ -146,7 +149,7 @@ def make_dataset(config, preprocessor, split=None):
     texts, controls, class_ids = read_examples(config, split)
     ds = tf.data.Dataset.from_tensor_slices((texts, controls, class_ids))
     if config.shuffle_seed is not None:
-        ds = ds.shuffle(len(texts), seed=config.shuffle_seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(texts), seed=config.shuffle_seed, reshuffle_each_iteration=config.reshuffle)
     ds = ds.batch(config.batch_size)
 
     def classify(text, control, class_id):

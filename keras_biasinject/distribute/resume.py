@@ -47,8 +47,12 @@ class StepBackup(AtomicBackupAndRestore):
 def fit_resumable(model, dataset, epochs, backup_dir, save_freq, chief=True, callbacks=(), **fit_kwargs):
     """Fits a compiled `model` for `epochs` over `dataset` (a finite, batched tf.data.Dataset),
     backing up every `save_freq` steps into `backup_dir`; after a crash, the same call resumes at
-    the last backup and ends with the weights an uninterrupted run would have. Returns the history
-    dicts of the fit calls made (one, or two when resuming mid-epoch)."""
+    the last backup and ends with the weights an uninterrupted run would have. Returns
+    `(histories, resumed_from_step)`: the history dicts of the fit calls made (one, or two when
+    resuming mid-epoch) and the number of steps the backup had done (0 on a fresh start).
+
+    Callbacks start afresh on resume: EarlyStopping counts its patience, and ModelCheckpoint its
+    best value, from the resumed step."""
     if isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq <= 0:
         raise ValueError(f"fit_resumable: save_freq is a number of steps and must be a positive integer. Got save_freq={save_freq!r}.")
     per_epoch = int(dataset.cardinality().numpy())
@@ -68,4 +72,4 @@ def fit_resumable(model, dataset, epochs, backup_dir, save_freq, chief=True, cal
         histories.append(fit.history)
     if chief:
         shutil.rmtree(backup_dir, ignore_errors=True)
-    return histories
+    return histories, done

@@ -4,8 +4,9 @@
   `fit` fails with "Attempt to convert a value ({'token_ids': PerReplica...}) ... to a Tensor".
   Root cause: `TensorFlowTrainer._maybe_symbolic_build` takes the first distributed batch and
   calls `strategy.reduce("MEAN", batch, axis=None)` on the whole nested dict; the multi-worker
-  strategy's `reduce` converts its argument to one tensor, which a dict is not. Fix: reduce each
-  leaf on its own (the batch is only used for its shapes and dtypes, to build the model).
+  strategy's `reduce` converts its argument to one tensor, which a dict is not. Fix: take each
+  leaf's value on the first replica (the batch is only used for its shapes and dtypes, to build
+  the model; a mean would also fail on a bool padding mask, under MirroredStrategy too).
 - tensorflow/tensorflow#72388 (https://github.com/tensorflow/tensorflow/issues/72388): "Invalid
   reduction dimension 0 for input with 0 dimensions". Root cause: Keras' `reduce_per_replica`
   reduces every step output (the scalar loss and metrics) in multi-worker mode with
@@ -15,8 +16,8 @@
 Each fix switches itself off once upstream changes the code it fixes: it is applied only while the
 installed Keras still holds the exact faulty call (checked in its source), so an upgrade that
 fixes the bug (or rewrites that code) leaves Keras untouched. `keras_fixes()` is a context manager
-that patches for the duration of a `fit` and restores Keras on exit; single-worker runs never
-reach the patched branches, so they behave exactly as unpatched Keras.
+that patches for the duration of a `fit` and restores Keras on exit. Single-device runs never reach
+the patched branches; MirroredStrategy reaches only the first, which builds the same model.
 """
 
 import contextlib
@@ -58,7 +59,10 @@ def _maybe_symbolic_build(self, iterator=None, data_batch=None):
             batch = next(it)
             leaves = tree.flatten(batch)
             if leaves and all(isinstance(x, tf.distribute.DistributedValues) for x in leaves):
-                batch = tree.map_structure(lambda x: self.distribute_strategy.reduce("MEAN", x, axis=None), batch)
+                # One replica's value per leaf: the shapes and dtypes a mean would have, and no
+                # mean of bool or int leaves (a padding mask), which AddN refuses.
+                local = self.distribute_strategy.experimental_local_results
+                batch = tree.map_structure(lambda x: local(x)[0], batch)
             data_batch = batch
             break
     with self.distribute_strategy.scope():

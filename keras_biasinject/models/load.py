@@ -77,7 +77,8 @@ def load(spec, task=None, *, num_classes=None, sequence_length=None, dtype=None,
         return task_cls(backbone=backbone, preprocessor=preprocessor)
     task_cls = _task_class(keras_hub.models.TextClassifier, backbone, spec, task)
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, **preprocessor_kwargs)
-    return task_cls(backbone=backbone, preprocessor=preprocessor, num_classes=num_classes)
+    head = {"dropout": backbone_kwargs["dropout"]} if "dropout" in backbone_kwargs else {}  # the same rate for the head
+    return task_cls(backbone=backbone, preprocessor=preprocessor, num_classes=num_classes, **head)
 
 
 def resolve_preset(spec):

@@ -14,7 +14,7 @@ Unknown keys and bad values raise `ValueError` naming the table, the key and wha
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from keras_biasinject.rewrite.config import InjectionConfig
 
@@ -35,6 +35,7 @@ class ModelConfig:
     spec: str = "minilm-l6"  # built-in name, KerasHub preset, Hugging Face folder or .gguf file
     sequence_length: int = 128  # tokens per example, after truncation and padding
     num_classes: Optional[int] = None  # classification only; None: the number of labels in the data
+    dropout: Optional[float] = None  # None: the checkpoint's rate; else the backbone's (and classifier head's)
 
 
 @dataclasses.dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     max_eval_examples: Optional[int] = None  # None: the whole evaluation split
     patience: int = 2  # early stopping on validation loss, in epochs
     seed: int = 0  # data order, initial adapter weights and validation split
+    save_freq: Union[str, int] = "epoch"  # backups: "epoch"; or every N steps, resumed at that exact step
 
 
 def _build(cls, table, values):
@@ -109,6 +111,12 @@ class Recipe:
         self.train.methods = methods
         for name in ("epochs", "batch_size", "patience", "seed"):
             _positive_int("train", name, getattr(self.train, name) + (1 if name == "seed" else 0))
+        if self.train.save_freq != "epoch":
+            try:
+                _positive_int("train", "save_freq", self.train.save_freq)
+            except ValueError:
+                raise ValueError(f'recipe: [train] save_freq must be "epoch" or a positive number of steps. '
+                                 f"Got save_freq={self.train.save_freq!r}.") from None
         for name in ("max_train_examples", "max_eval_examples"):
             _positive_int("train", name, getattr(self.train, name), allow_none=True)
         for name in ("learning_rate", "full_learning_rate"):
@@ -117,6 +125,9 @@ class Recipe:
                 raise ValueError(f"recipe: [train] {name} must be a positive number. Got {name}={value!r}.")
         _positive_int("model", "sequence_length", self.model.sequence_length)
         _positive_int("model", "num_classes", self.model.num_classes, allow_none=True)
+        d = self.model.dropout
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1):
+            raise ValueError(f"recipe: [model] dropout must be a number in [0, 1), or left out. Got dropout={d!r}.")
         if self.task == "causal_lm" and self.model.num_classes is not None:
             raise ValueError("recipe: [model] num_classes is for task='classification'; remove it for 'causal_lm'.")
 

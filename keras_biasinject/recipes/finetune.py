@@ -2,8 +2,9 @@
 budget, evaluate each, and write `report.json` and plots.
 
 Everything is standard Keras: `model.fit` with validation, early stopping, a warm-up + cosine
-learning-rate schedule, TensorBoard logs, `BackupAndRestore` (an interrupted run resumes where it
-stopped) and a best-weights checkpoint. A finished method's result is kept in `report.json`; running
+learning-rate schedule, TensorBoard logs, a best-weights checkpoint and a backup: per epoch
+(`BackupAndRestore`, made atomic) or, with `[train] save_freq = N`, every N steps, where a killed
+run resumes at exactly that step (`fit_resumable`). A finished method's result is kept in `report.json`; running
 the same recipe into the same folder again skips it, so Ctrl-C never loses finished work.
 """
 
@@ -18,12 +19,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_biasinject.data.pipeline import FILE_SUFFIXES, DataConfig, make_dataset
+from keras_biasinject.distribute.backup import AtomicBackupAndRestore
+from keras_biasinject.distribute.resume import fit_resumable
 from keras_biasinject.distribute.strategy import is_chief, make_strategy, per_replica_batch
 from keras_biasinject.distribute.workarounds import keras_fixes
-from keras_biasinject.data.pipeline import FILE_SUFFIXES, DataConfig, make_dataset
 from keras_biasinject.models.load import load
-from keras_biasinject.distribute.backup import AtomicBackupAndRestore
 from keras_biasinject.recipes.methods import PREPARE, count
+from keras_biasinject.rewrite.inject import refuse_silent_distribution
 from keras_biasinject.rewrite.injected_model import InjectedModel
 
 LOAD_TASK = {"classification": "classifier", "causal_lm": "causal_lm"}
@@ -49,10 +52,13 @@ def _splits(recipe):
 
 
 def _data_config(recipe, data, split=None, shuffle=False):
-    fields = {**data, "batch_size": recipe.train.batch_size, "shuffle_seed": recipe.train.seed if shuffle else None}
+    # Step-level backups resume by skipping the steps done, so every epoch keeps one seeded order.
+    fields = {**data, "batch_size": recipe.train.batch_size, "shuffle_seed": recipe.train.seed if shuffle else None,
+              "reshuffle": recipe.train.save_freq == "epoch"}
     if split is not None and str(split).endswith(FILE_SUFFIXES):
         fields["source"] = split
-    allowed = sorted([f.name for f in dataclasses.fields(DataConfig) if f.name not in ("batch_size", "shuffle_seed")] + ["splits"])
+    internal = ("batch_size", "shuffle_seed", "reshuffle")  # set from [train]
+    allowed = sorted([f.name for f in dataclasses.fields(DataConfig) if f.name not in internal] + ["splits"])
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise ValueError(f"recipe: unknown key(s) {unknown} in [data]. Allowed keys: {allowed}.")
@@ -101,14 +107,35 @@ def _compile(model, recipe, steps, method):
 
 
 def _callbacks(recipe, run_dir, method):
+    """EarlyStopping, the best-weights checkpoint and TensorBoard (the backup is added by `_fit`)."""
     return [
-        AtomicBackupAndRestore(str(run_dir / "backup" / method)),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.train.patience, restore_best_weights=True),
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "checkpoints" / f"{method}.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
         ),
         keras.callbacks.TensorBoard(str(run_dir / "logs" / method)),
     ]
+
+
+def _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy, verbose):
+    """`model.fit` with backups: per epoch (Keras' BackupAndRestore, made atomic, in `run_dir`), or every
+    `save_freq` steps (`fit_resumable`: a killed run resumes at exactly the step of its last backup).
+    Returns (history dict, the step resumed from)."""
+    callbacks = _callbacks(recipe, run_dir, method)
+    with keras_fixes():  # multi-worker fit: keras-team/keras#20329, tensorflow/tensorflow#72388
+        if recipe.train.save_freq == "epoch":
+            backup = AtomicBackupAndRestore(str(run_dir / "backup" / method))  # each worker its own
+            fit = model.fit(train, validation_data=validation, epochs=recipe.train.epochs,
+                            callbacks=[backup, *callbacks], verbose=verbose)
+            return {k: [float(v) for v in vs] for k, vs in fit.history.items()}, None
+        histories, resumed = fit_resumable(model, train, recipe.train.epochs, str(backup_dir), recipe.train.save_freq,
+                                           chief=is_chief(strategy), callbacks=callbacks, validation_data=validation,
+                                           verbose=verbose)
+    history = {}
+    for part in histories:
+        for key, values in part.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+    return history, resumed
 
 
 def _frozen_snapshot(model):
@@ -121,7 +148,8 @@ def _unchanged(model, snapshot):
 
 def _score(model, recipe, ds):
     """(metric name, value): accuracy for classification, perplexity for the LM."""
-    values = model.evaluate(ds, verbose=0, return_dict=True)
+    with keras_fixes():  # evaluate builds the model like fit (keras-team/keras#20329)
+        values = model.evaluate(ds, verbose=0, return_dict=True)
     if recipe.task == "classification":
         return "accuracy", float(values["accuracy"])
     return "perplexity", float(math.exp(values["loss"]))
@@ -133,18 +161,24 @@ def _write_json(path, data):
     os.replace(tmp, path)
 
 
-def run_method(recipe, method, run_dir, verbose=1, strategy=None):
+def run_method(recipe, method, run_dir, verbose=1, strategy=None, backup_dir=None):
     """Loads a fresh base, prepares `method`, fits it and returns (rows, history, model).
+
+    `backup_dir`: with `[train] save_freq = N`, where the step-level backup goes (default
+    `run_dir/backup/<method>`); under multi-worker one folder all workers read, the chief writes.
 
     `strategy`: a tf.distribute strategy (see keras_biasinject.distribute.make_strategy); the model,
     its adapters and the optimizer are made in its scope. `recipe.train.batch_size` is the global
     batch, split evenly over the strategy's replicas."""
     strategy = strategy or tf.distribute.get_strategy()
+    refuse_silent_distribution("finetune")
     per_replica_batch(recipe.train.batch_size, strategy)  # raises unless it divides evenly
     keras.utils.set_random_seed(recipe.train.seed)
     extra = {}
     if recipe.task == "classification":
         extra["num_classes"] = recipe.model.num_classes or len(_data_config(recipe, _splits(recipe)[0]).class_names or [])
+    if recipe.model.dropout is not None:
+        extra["dropout"] = float(recipe.model.dropout)
     with strategy.scope():
         model = load(recipe.model.spec, task=LOAD_TASK[recipe.task], sequence_length=recipe.model.sequence_length, **extra)
         model = PREPARE[method](model, recipe)
@@ -161,18 +195,18 @@ def run_method(recipe, method, run_dir, verbose=1, strategy=None):
         _compile(model, recipe, steps, method)
     frozen = _frozen_snapshot(model)
     start = time.perf_counter()
-    history = {}
+    history, resumed = {}, None
     if trainable and not (method == "base" and recipe.task == "causal_lm"):
-        with keras_fixes():  # multi-worker fit: keras-team/keras#20329, tensorflow/tensorflow#72388
-            fit = model.fit(train, validation_data=validation, epochs=recipe.train.epochs,
-                            callbacks=_callbacks(recipe, run_dir, method), verbose=verbose)
-        history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
+        backup_dir = Path(backup_dir) if backup_dir is not None else run_dir / "backup" / method
+        history, resumed = _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy, verbose)
     seconds = time.perf_counter() - start
     if injected and not _unchanged(model, frozen):
         raise RuntimeError(f"{method}: a frozen base weight changed during training; this is a bug, please report it.")
     metric, value = _score(model, recipe, test)
     rows = [{"method": method, "metric": metric, "value": value, "trainable_params": trainable,
              "seconds": round(seconds, 1), "base_weights_unchanged": True if injected else None}]
+    if resumed:
+        rows[0]["resumed_from_step"] = resumed
     if injected and recipe.task == "classification":
         # The run-time switch: the same trained model with the learned behaviour switched off.
         neutral = float(np.mean(recipe.inject.neutral))
@@ -211,7 +245,8 @@ def finetune(recipe, out_dir, verbose=1, strategy="default"):
     for method in recipe.train.methods:
         if method in done:
             continue
-        rows, history, model = run_method(recipe, method, run_dir, verbose=verbose, strategy=strategy)
+        rows, history, model = run_method(recipe, method, run_dir, verbose=verbose, strategy=strategy,
+                                          backup_dir=Path(out_dir) / "backup" / method)  # the chief's: shared
         if method == "bias_injection":
             from keras_biasinject.rewrite.adapter_file import save_adapter
 

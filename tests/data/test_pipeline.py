@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import keras_hub
@@ -98,6 +99,9 @@ def test_shuffle_keeps_controls_with_their_examples(tmp_path, bert_preprocessor)
     assert epochs[0] != file_order and epochs[1] != epochs[0]  # reshuffled each epoch, from seed 3
     again = [int(t[1]) for x, _ in make_dataset(config, bert_preprocessor) for t in x["token_ids"].numpy()]
     assert again == epochs[0]
+    kept = make_dataset(dataclasses.replace(config, reshuffle=False), bert_preprocessor)
+    orders = [[int(t[1]) for x, _ in kept for t in x["token_ids"].numpy()] for _ in range(2)]
+    assert orders[0] == orders[1] and orders[0] != file_order  # shuffled once, the same order every epoch
 
 
 def test_tfds_fine_foods_by_name(built, kbi_cache, monkeypatch, bert_preprocessor):
@@ -196,6 +200,7 @@ def test_preprocessor_must_match_the_columns(tmp_path, bert_preprocessor):
     (dict(text_column="t", control_columns="x"), r"`control_columns` must be a non-empty list of column names. Got control_columns='x'"),
     (dict(text_column="t", control_columns=["x"], batch_size=0), r"`batch_size` must be a positive integer. Got batch_size=0"),
     (dict(text_column="t", control_columns=["x"], shuffle_seed=1.5), r"`shuffle_seed` must be an integer or None"),
+    (dict(text_column="t", control_columns=["x"], reshuffle="no"), r"`reshuffle` must be true or false. Got reshuffle=.no."),
 ])
 def test_config_checks(kwargs, message):
     with pytest.raises(ValueError, match=message):
