@@ -5,7 +5,9 @@
    neutral control's generations must equal the base model's.
 8. Forgetting: perplexity on held-out Jane Austen paragraphs of the base model and of the injected
    model at the neutral control and at +/-1.
-Run: python bench/steering.py  -> bench/results/steering.json, steering.png"""
+Run: python bench/steering.py  -> bench/results/steering.json, steering.png
+(training and generation take about 10 minutes on 2 CPU cores; the run folder
+bench/results/runs/steering is reused when it holds this recipe's finished run)"""
 
 import math
 import os
@@ -41,8 +43,7 @@ def main():
     from keras_biasinject.rewrite.merge import merge
 
     judge = RESULTS / "runs" / "quality-seed0-control"
-    run = RESULTS / "runs" / "steering"
-    shutil.rmtree(run, ignore_errors=True)
+    run = RESULTS / "runs" / "steering"  # finetune reuses a finished run of the same recipe; delete it to retrain
     recipe = load_recipe(os.path.join(ROOT, "recipes", "steer_reviews_lm.toml"), [
         ("steer.judge", str(judge)), ("steer.samples", 64), ("steer.max_length", 32),
     ])

@@ -64,6 +64,8 @@ def _backbone_description(model):
     if isinstance(backbone, InjectedModel):
         raw = raw["base_config"]
     config = {k: v for k, v in raw.items() if k not in _IGNORED_BACKBONE_KEYS}
+    if hasattr(backbone, "tie_word_embeddings"):  # KerasHub 0.32's Llama get_config leaves it out
+        config["tie_word_embeddings"] = bool(backbone.tie_word_embeddings)
     return keras.saving.get_registered_name(cls), json.loads(json.dumps(config, default=str))
 
 

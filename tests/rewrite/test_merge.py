@@ -8,7 +8,7 @@ import keras_hub
 import numpy as np
 import pytest
 
-from keras_biasinject import inject, merge, remove
+from keras_biasinject import inject, load_adapter, merge, remove, save_adapter
 from keras_biasinject.rewrite.injected_model import InjectedModel
 from tests.rewrite.tiny_models import BATCH, TINY, V, gpt2, out, snapshot, state_of, tokens, train
 
@@ -141,3 +141,11 @@ def test_tied_llama_round_trips_and_merges(tmp_path):
     lm.save(tmp_path / "tied.keras")
     loaded = keras.models.load_model(tmp_path / "tied.keras")
     assert loaded.backbone.tie_word_embeddings and np.array_equal(out(loaded, x), base_out)
+    # An adapter saved from it loads into a freshly built tied base (whose get_config lacks the flag).
+    for w in lm.trainable_weights:
+        w.assign(np.full(w.shape, 0.01, "float32"))
+    save_adapter(lm, tmp_path / "adapter")
+    keras.utils.set_random_seed(0)
+    fresh = getattr(keras_hub.models, task)(backbone=getattr(keras_hub.models, cls)(**kwargs, tie_word_embeddings=True), preprocessor=None)
+    c = {"control": np.ones((2, 1), "float32")}
+    assert np.array_equal(out(load_adapter(fresh, tmp_path / "adapter"), {**x, **c}), out(lm, {**x, **c}))
