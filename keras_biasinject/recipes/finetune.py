@@ -217,6 +217,16 @@ def run_method(recipe, method, run_dir, verbose=1, strategy=None, backup_dir=Non
     return rows, history, model
 
 
+def _with_defaults(saved):
+    """A report's recipe with keys added by later versions filled in with their defaults."""
+    from keras_biasinject.recipes.config import Recipe
+
+    try:
+        return json.loads(json.dumps(Recipe(**saved).to_dict()))
+    except (TypeError, ValueError):
+        return saved
+
+
 def finetune(recipe, out_dir, verbose=1, strategy="default"):
     """Runs every method of `recipe` into `out_dir`; returns the report dict (also `report.json`).
 
@@ -235,7 +245,7 @@ def finetune(recipe, out_dir, verbose=1, strategy="default"):
     report = {"recipe": as_json, "results": [], "history": {}}
     if report_path.exists():
         previous = json.loads(report_path.read_text())
-        if previous.get("recipe") != as_json:
+        if _with_defaults(previous.get("recipe")) != as_json:
             raise ValueError(
                 f"finetune: {str(run_dir)!r} holds the report of a different recipe; it is never overwritten. "
                 "Choose another output folder, or delete that one."

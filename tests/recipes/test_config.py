@@ -76,3 +76,21 @@ def test_file_types(tmp_path):
         load_recipe(write(tmp_path, GOOD, "r.txt"))
     yaml_recipe = load_recipe(write(tmp_path, "task: causal_lm\nmodel: {spec: smollm2-135m}\n", "r.yaml"))
     assert yaml_recipe.task == "causal_lm" and yaml_recipe.model.spec == "smollm2-135m"
+
+
+def test_a_finished_run_from_before_new_recipe_keys_is_still_the_same_recipe(tmp_path):
+    import json
+
+    from keras_biasinject.recipes import finetune
+
+    recipe = load_recipe(write(tmp_path, GOOD.replace("epochs = 1", 'methods = ["base"]')))
+    old = recipe.to_dict()
+    del old["train"]["save_freq"], old["model"]["dropout"]  # keys added after this run was written
+    row = {"method": "base", "metric": "accuracy", "value": 0.5, "trainable_params": 770, "seconds": 1.0}
+    report = {"recipe": json.loads(json.dumps(old)), "results": [row], "history": {"base": {"loss": [0.7]}}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text(json.dumps(report))
+    assert finetune(recipe, tmp_path / "run")["results"] == [row]  # kept, not retrained, not refused
+    changed = load_recipe(write(tmp_path, GOOD.replace("epochs = 1", 'methods = ["base"]\nsave_freq = 5'), "b.toml"))
+    with pytest.raises(ValueError, match="holds the report of a different recipe"):
+        finetune(changed, tmp_path / "run")
