@@ -18,12 +18,13 @@ def table():
     if (r := load("exactness")):
         worst = max(v["max_abs_diff"] for v in r["families"].values())
         lines.append(f"| exactness at insertion, {len(r['families'])} families (all-linear) | max abs diff {worst} | 0.0 | `python bench/exactness.py` |")
-    if (r := load("train_step")):
-        s = r["steps"]
-        lines.append(
-            f"| train step, {r['model']}, batch {r['batch']} x {r['sequence_length']} ({r['device']}) | ours {s['bias_injection']['median_ms']:.0f} ms, "
-            f"KerasHub LoRA {s['keras_lora']['median_ms']:.0f} ms, full {s['full']['median_ms']:.0f} ms; ratio vs LoRA "
-            f"{r['ratio_vs_keras_lora']:.3f}, vs full {r['ratio_vs_full']:.3f} | <= 1.05, <= 0.75 | `python bench/train_step.py` |")
+    for name, flag in (("train_step", ""), ("train_step_smollm2", " --smollm2")):
+        if (r := load(name)):
+            s = r["steps"]
+            lines.append(
+                f"| train step, {r['model']}, batch {r['batch']} x {r['sequence_length']} ({r['device']}) | ours {s['bias_injection']['median_ms']:.0f} ms, "
+                f"KerasHub LoRA {s['keras_lora']['median_ms']:.0f} ms, full {s['full']['median_ms']:.0f} ms; ratio vs LoRA "
+                f"{r['ratio_vs_keras_lora']:.3f}, vs full {r['ratio_vs_full']:.3f} | <= 1.05, <= 0.75 | `python bench/train_step.py{flag}` |")
     if (r := load("inference")):
         f = r["forward"]
         lines.append(
@@ -39,7 +40,7 @@ def table():
     if (r := load("quality")):
         for name, q in r["accuracy"].items():
             lines.append(f"| quality, {r['model']} on Fine Foods ({r['train_examples']} reviews, {r['epochs']} epochs, 3 seeds): {name} | "
-                         f"accuracy {q['mean']:.4f} +/- {q['stdev']:.4f} | | `python bench/quality.py` |")
+                         f"accuracy {q['mean']:.4f} +/- {q['stdev']:.4f} | | `python bench/quality.py{' --full' if name == 'full' else ''}` |")
     if (r := load("steering")):
         st = r["steering"]
         shares = ", ".join(f"{c:+g}: {s:.2f}" for c, s in zip(st["controls"], st["positive_share"]))

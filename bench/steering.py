@@ -1,4 +1,4 @@
-"""Steering and forgetting with SmolLM2-135M, after `bench/quality.py` (its classifier is the judge).
+"""Steering and forgetting with SmolLM2-135M. The judge is seed 0's classifier from `bench/quality.py` (trained here first if missing).
 
 7. Steering: the LM recipe (control from the review label, +1 great / -1 other), then for controls
    -1, -0.5, 0, 0.5, 1 the share of 64 generated reviews the fine-tuned MiniLM judges positive; the
@@ -43,6 +43,10 @@ def main():
     from keras_biasinject.rewrite.merge import merge
 
     judge = RESULTS / "runs" / "quality-seed0-control"
+    if not (judge / "classifier.keras").is_file():  # a fresh clone: train the judge as bench/quality.py does
+        from quality import run_group
+
+        run_group(0, "control")
     run = RESULTS / "runs" / "steering"  # finetune reuses a finished run of the same recipe; delete it to retrain
     recipe = load_recipe(os.path.join(ROOT, "recipes", "steer_reviews_lm.toml"), [
         ("steer.judge", str(judge)), ("steer.samples", 64), ("steer.max_length", 32),
