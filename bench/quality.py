@@ -18,7 +18,8 @@ from timing import RESULTS, write  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-GROUPS = {"control": ["base", "keras_lora", "bias_injection"], "always": ["bias_injection"], "full": ["full"]}
+GROUPS = {"control": ["base", "keras_lora", "bias_injection"], "always": ["bias_injection"], "full": ["full"],
+          "full-lr2e-4": ["full"]}  # full fine-tuning at the recipe's 5e-5 (BERT's usual) and at 2e-4
 
 
 def run_group(seed, group, train=512, fresh=False):
@@ -28,7 +29,7 @@ def run_group(seed, group, train=512, fresh=False):
     recipe = load_recipe(os.path.join(ROOT, "recipes", "classify_fine_foods.toml"), [
         ("train.seed", seed), ("train.max_train_examples", train), ("train.max_eval_examples", 512),
         ("inject.gate", "always" if group == "always" else "control"), ("train.methods", GROUPS[group]),
-    ])
+    ] + ([("train.full_learning_rate", 2e-4)] if group == "full-lr2e-4" else []))
     run = RESULTS / "runs" / f"quality-seed{seed}-{group}"
     if fresh:
         shutil.rmtree(run, ignore_errors=True)
@@ -46,11 +47,13 @@ def main():
     args = parser.parse_args()
     scores = {}
     for seed in (0, 1, 2):
-        for group in [g for g in GROUPS if g != "full" or args.full]:
+        for group in [g for g in GROUPS if not g.startswith("full") or args.full]:
             recipe, report = run_group(seed, group, args.train, args.fresh)
             gate = recipe.inject.gate
             for row in report["results"]:
                 name = row["method"] if not row["method"].startswith("bias_injection") else f"{row['method']} [gate {gate}]"
+                if name == "full":
+                    name = f"full (lr {recipe.train.full_learning_rate:g})"
                 scores.setdefault(name, []).append(row["value"])
             print(seed, group, json.dumps(report["results"]), flush=True)
     summary = {name: {"mean": statistics.mean(v), "stdev": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}

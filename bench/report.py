@@ -40,7 +40,7 @@ def table():
     if (r := load("quality")):
         for name, q in r["accuracy"].items():
             lines.append(f"| quality, {r['model']} on Fine Foods ({r['train_examples']} reviews, {r['epochs']} epochs, 3 seeds): {name} | "
-                         f"accuracy {q['mean']:.4f} +/- {q['stdev']:.4f} | | `python bench/quality.py{' --full' if name == 'full' else ''}` |")
+                         f"accuracy {q['mean']:.4f} +/- {q['stdev']:.4f} | | `python bench/quality.py{' --full' if name.startswith('full') else ''}` |")
     if (r := load("steering")):
         st = r["steering"]
         shares = ", ".join(f"{c:+g}: {s:.2f}" for c, s in zip(st["controls"], st["positive_share"]))
