@@ -1,5 +1,7 @@
 """Decay: a simulated interaction trace (feedback pulses over time) through DecayFeedback, the
-resulting control against the configured half-life, and the steering it implies.
+resulting control against the configured half-life, and the steering it implies: the share of
+positive generations at each moment's control, interpolated from the steering curve measured by
+bench/steering.py (controls outside [-1, 1] are clipped to it; without steering.json, no score).
 Run: python bench/decay.py  -> bench/results/decay.json and decay.png"""
 
 import os
@@ -34,8 +36,15 @@ def main():
         if abs(c) <= abs(controls[i300]) / 2:
             measured_half_life = float(t - 300.0)
             break
+    score = None
+    if (RESULTS / "steering.json").is_file():
+        import json
+
+        curve = json.loads((RESULTS / "steering.json").read_text())["steering"]
+        score = np.interp(np.clip(controls, -1.0, 1.0), curve["controls"], curve["positive_share"]).tolist()
     write("decay", {"half_life_s": half_life, "pulses": {str(k): v for k, v in pulses.items()}, "times_s": times.tolist(),
-                    "control": controls, "max_abs_error_vs_formula": err, "measured_half_life_s": measured_half_life})
+                    "control": controls, "max_abs_error_vs_formula": err, "measured_half_life_s": measured_half_life,
+                    "steering_positive_share": score, "steering_source": "steering.json, interpolated" if score else None})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,7 +57,12 @@ def main():
     ax.set_xlabel("seconds")
     ax.set_ylabel("control")
     ax.set_title(f"Feedback pulses (+1 at 0, 30, 60 s; -1 at 300 s), half-life {half_life:.0f} s")
-    ax.legend()
+    lines = ax.get_lines()[:1]  # the control (not the pulse markers)
+    if score is not None:
+        twin = ax.twinx()
+        lines += twin.plot(times, score, color="tab:orange", linestyle="--", label="share of positive reviews (SmolLM2)")
+        twin.set_ylabel("share judged positive")
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "decay.png", dpi=100)
 

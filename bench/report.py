@@ -13,6 +13,13 @@ def load(name):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _decay_steering(r):
+    score = r.get("steering_positive_share")
+    if not score:
+        return ""
+    return f"; implied share of positive SmolLM2 reviews {min(score):.2f} to {max(score):.2f}, back to {score[-1]:.2f} after 300 s"
+
+
 def table():
     lines = ["| benchmark | result | goal | command |", "|---|---|---|---|"]
     if (r := load("exactness")):
@@ -55,7 +62,7 @@ def table():
                 f"({100 * m['trainable_share']:.2f}%), {m['adapter_folder_bytes'] / 1e6:.1f} MB of {m['base_weight_bytes'] / 1e6:.0f} MB | | `python bench/size.py` |")
     if (r := load("decay")):
         lines.append(f"| decay, half-life {r['half_life_s']:.0f} s | measured half-life {r['measured_half_life_s']:.0f} s, max error vs 2^(-t/h) "
-                     f"{r['max_abs_error_vs_formula']:.1e} (`bench/results/decay.png`) | exact | `python bench/decay.py` |")
+                     f"{r['max_abs_error_vs_formula']:.1e}{_decay_steering(r)} (`bench/results/decay.png`) | exact | `python bench/decay.py` |")
     return "\n".join(lines)
 
 
