@@ -62,6 +62,7 @@ def _assert_close(a, b, atol):
     assert sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=0, atol=atol, err_msg=key)
+    print(f"max abs difference of {len(a)} adapter weights: {max(float(np.abs(a[k] - b[k]).max()) for k in a):.2e}")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,7 @@ def test_killed_finetune_resumes_at_the_backed_up_step(recipe_file, uninterrupte
     report = json.loads((run / "report.json").read_text())
     resumed = report["results"][0]["resumed_from_step"]
     assert resumed % 2 == 0 and 2 <= resumed < STEPS  # from its last backup, not from step 0
+    print(f"resumed from step {resumed} of {STEPS}")
     _assert_close(_adapter(run), _adapter(uninterrupted[0]), atol=1e-6)
     assert report["results"][0]["value"] == uninterrupted[1]["results"][0]["value"]
     assert not (run / "backup" / "bias_injection").exists()
