@@ -25,7 +25,6 @@ from keras_biasinject.distribute.resume import fit_resumable
 from keras_biasinject.distribute.strategy import is_chief, make_strategy, per_replica_batch
 from keras_biasinject.distribute.workarounds import keras_fixes
 from keras_biasinject.models.load import load
-from keras_biasinject.recipes.interrupt import interruptible
 from keras_biasinject.recipes.methods import PREPARE, count
 from keras_biasinject.rewrite.inject import refuse_silent_distribution
 from keras_biasinject.rewrite.injected_model import InjectedModel
@@ -122,8 +121,8 @@ def _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy
     """`model.fit` with backups: per epoch (Keras' BackupAndRestore, made atomic, in `run_dir`), or every
     `save_freq` steps (`fit_resumable`: a killed run resumes at exactly the step of its last backup).
     Returns (history dict, the step resumed from)."""
-    with interruptible() as stop, keras_fixes():  # Ctrl-C is never swallowed; keras-team/keras#20329, tf#72388
-        callbacks = [*_callbacks(recipe, run_dir, method), stop]  # stop last: after this epoch's backup
+    callbacks = _callbacks(recipe, run_dir, method)
+    with keras_fixes():  # multi-worker fit: keras-team/keras#20329, tensorflow/tensorflow#72388
         if recipe.train.save_freq == "epoch":
             backup = AtomicBackupAndRestore(str(run_dir / "backup" / method))  # each worker its own
             fit = model.fit(train, validation_data=validation, epochs=recipe.train.epochs,
