@@ -110,15 +110,18 @@ def test_interrupted_run_resumes_without_redoing_finished_methods(tmp_path):
     recipe.write_text(SMALL.format(methods='["base", "bias_injection"]', epochs=3, train=64))
     run = tmp_path / "run"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # A shell starting a job in the background (as CI may) makes it ignore SIGINT, and children
+    # inherit that: give the run the default handling, as when started from a terminal.
     process = subprocess.Popen([sys.executable, "-m", "keras_biasinject.cli.main", "finetune", str(recipe), "--out", str(run)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 400
     while not (run / "backup" / "bias_injection" / "state").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.5)  # wait until the second method has backed up its first epoch
     assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signal.SIGINT)  # Ctrl-C
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Run the same command again to resume" in err
+    assert process.returncode == 130 and "Run the same command again to resume" in err, err[-3000:]
     first = json.loads((run / "report.json").read_text())
     assert [row["method"] for row in first["results"]] == ["base"]
     assert (run / "backup" / "bias_injection" / "state" / "latest.weights.h5").exists()  # kept for the resume
