@@ -29,14 +29,23 @@ ADAPTER_WEIGHT = re.compile(r"^(?P<parent>.*/)?(?P<name>[^/]+)_(?:lora_bias|bias
 
 
 class AdapterModelParallel(keras.distribution.ModelParallel):
-    """`ModelParallel` whose adapter weights, unless the `LayoutMap` names them, follow their kernel."""
+    """`ModelParallel` whose adapter weights, unless the `LayoutMap` names them, follow their kernel,
+    and where an axis that does not divide over its mesh axis stays whole instead of failing (e.g.
+    SmolLM2's 9 attention heads over 2 devices, which KerasHub's Llama map would split)."""
 
     def get_variable_layout(self, variable):
         if getattr(variable, "_layout", None) is None and self._layout_map[variable.path] is None:
             derived = self._adapter_layout(variable)
             if derived is not None:
                 return derived
-        return super().get_variable_layout(variable)
+        return self._divisible(super().get_variable_layout(variable), variable.shape)
+
+    def _divisible(self, layout, shape):
+        if not isinstance(layout, keras.distribution.TensorLayout) or len(layout.axes) != len(shape):
+            return layout
+        sizes = dict(zip(self.device_mesh.axis_names, self.device_mesh.shape))
+        axes = [a if a is None or shape[i] % sizes[a] == 0 else None for i, a in enumerate(layout.axes)]
+        return layout if list(axes) == list(layout.axes) else keras.distribution.TensorLayout(axes, self.device_mesh)
 
     def _adapter_layout(self, variable):
         match = ADAPTER_WEIGHT.match(variable.path)
@@ -56,10 +65,7 @@ class AdapterModelParallel(keras.distribution.ModelParallel):
                 axes = [None] + source[len(source) - (rank - 1):]
             if len(axes) != rank:
                 axes = [None] * rank
-            sizes = dict(zip(self.device_mesh.axis_names, self.device_mesh.shape))
-            # an axis that does not divide over its mesh axis stays whole
-            axes = [a if a is None or variable.shape[i] % sizes[a] == 0 else None for i, a in enumerate(axes)]
-        return keras.distribution.TensorLayout(axes, self.device_mesh)
+        return self._divisible(keras.distribution.TensorLayout(axes, self.device_mesh), variable.shape)
 
 
 def model_parallel(layout, model_devices=None, devices=None, model_dim="model", batch_dim="batch"):

@@ -6,6 +6,7 @@ same batches: once unsharded, once under `model_parallel(LlamaBackbone, model_de
 both runs' trainable weights and logits, and the sharding spec of every weight, to OUT (.npz + .json).
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -64,7 +65,20 @@ def main():
     plain_logits, plain, _ = run()
     with model_parallel(keras_hub.models.LlamaBackbone, model_devices=2).scope():
         sharded_logits, sharded, specs = run()
-    np.savez(out + ".npz", plain_logits=plain_logits, sharded_logits=sharded_logits,
+    # 3 heads do not divide over 2 devices: KerasHub's map would split them and fail; that axis stays whole.
+    odd = dict(config, hidden_dim=18, num_query_heads=3, num_key_value_heads=3)
+    keras.utils.set_random_seed(1)
+    odd_weights = keras_hub.models.LlamaBackbone(**odd).get_weights()
+    x = {k: v for k, v in batches[0][0].items() if k != "control"}
+    outputs = []
+    for distribution in (None, model_parallel(keras_hub.models.LlamaBackbone, model_devices=2)):
+        with distribution.scope() if distribution else contextlib.nullcontext():
+            backbone = keras_hub.models.LlamaBackbone(**odd)
+            backbone.set_weights(odd_weights)
+            backbone = inject(backbone, targets="all-linear", rank=2)
+            outputs.append(keras.ops.convert_to_numpy(backbone({**x, "control": np.ones((4, 1), "float32")})))
+    specs.update({f"odd:{w.path}": _spec(w) for w in backbone.weights})
+    np.savez(out + ".npz", plain_logits=plain_logits, sharded_logits=sharded_logits, odd_plain=outputs[0], odd_sharded=outputs[1],
              **{f"plain:{k}": v for k, v in plain.items()}, **{f"sharded:{k}": v for k, v in sharded.items()})
     with open(out + ".json", "w") as f:
         json.dump({k: [a if a is None or isinstance(a, str) else list(a) for a in v] for k, v in specs.items()}, f, indent=1)
