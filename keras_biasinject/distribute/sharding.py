@@ -14,16 +14,14 @@ is sharded like the kernel's input axes, `B` (`[rank, out]`) like its last axis,
 So `x A B` and `c V` need no more communication than the base projection `x K` does.
 
 Only the JAX backend shards: on TensorFlow (and torch) Keras accepts a `ModelParallel` and then
-silently keeps every weight whole on one device. `model_parallel` and `refuse_silent_distribution`
-(called by `inject` and `finetune`) raise instead; for several devices on TensorFlow use
+silently keeps every weight whole on one device. `model_parallel`, `inject` and `finetune` raise
+instead; for several devices on TensorFlow use
 `make_strategy("mirrored" | "multi-worker" | "tpu")`, which replicates the model.
 """
 
 import re
 
 import keras
-
-from keras_biasinject.rewrite.inject import refuse_silent_distribution  # noqa: F401 (re-exported)
 
 ADAPTER_WEIGHT = re.compile(r"^(?P<parent>.*/)?(?P<name>[^/]+)_(?:lora_bias|bias_inject)/(?P<weight>lora_a|lora_b|control_gain|control_kernel)$")
 

@@ -127,10 +127,11 @@ def _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy
             backup = AtomicBackupAndRestore(str(run_dir / "backup" / method))  # each worker its own
             fit = model.fit(train, validation_data=validation, epochs=recipe.train.epochs,
                             callbacks=[backup, *callbacks], verbose=verbose)
-            return {k: [float(v) for v in vs] for k, vs in fit.history.items()}, None
-        histories, resumed = fit_resumable(model, train, recipe.train.epochs, str(backup_dir), recipe.train.save_freq,
-                                           chief=is_chief(strategy), callbacks=callbacks, validation_data=validation,
-                                           verbose=verbose)
+            histories, resumed = [fit.history], None
+        else:
+            histories, resumed = fit_resumable(model, train, recipe.train.epochs, str(backup_dir), recipe.train.save_freq,
+                                               chief=is_chief(strategy), callbacks=callbacks, validation_data=validation,
+                                               verbose=verbose)
     history = {}
     for part in histories:
         for key, values in part.items():
@@ -171,7 +172,6 @@ def run_method(recipe, method, run_dir, verbose=1, strategy=None, backup_dir=Non
     its adapters and the optimizer are made in its scope. `recipe.train.batch_size` is the global
     batch, split evenly over the strategy's replicas."""
     strategy = strategy or tf.distribute.get_strategy()
-    refuse_silent_distribution("finetune")
     per_replica_batch(recipe.train.batch_size, strategy)  # raises unless it divides evenly
     keras.utils.set_random_seed(recipe.train.seed)
     extra = {}
@@ -235,6 +235,7 @@ def finetune(recipe, out_dir, verbose=1, strategy="default"):
     `out_dir`, the others `out_dir/worker-N` (their copies of the same results)."""
     from keras_biasinject.recipes.report import write_plots
 
+    refuse_silent_distribution("finetune")  # before anything is written
     strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
     run_dir = Path(out_dir)
     if not is_chief(strategy):

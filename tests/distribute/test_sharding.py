@@ -71,3 +71,18 @@ def test_inject_refuses_a_distribution_tensorflow_would_ignore():
     assert sorted(after) == sorted(before) and all(np.array_equal(after[k], before[k]) for k in before)
     np.testing.assert_array_equal(out(backbone, x), reference)
     assert "control" not in backbone.input and type(backbone) is keras_hub.models.GPT2Backbone
+
+
+def test_finetune_refuses_it_before_writing_anything(tmp_path):
+    from keras_biasinject.recipes import Recipe, finetune
+
+    recipe = Recipe(data={"source": "small_fine_foods", "text_column": "review", "label_column": "label",
+                          "control_map": {"great": 1.0, "other": 1.0}})
+    mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"), keras.distribution.list_devices()[:1])
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=keras.distribution.LayoutMap(mesh)))
+    try:
+        with pytest.raises(ValueError, match=r"finetune: a keras.distribution \(ModelParallel\) is set.*KERAS_BACKEND=jax"):
+            finetune(recipe, tmp_path / "run")
+    finally:
+        keras.distribution.set_distribution(None)
+    assert not (tmp_path / "run").exists()
