@@ -27,6 +27,8 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import tensorflow as tf
 
+from keras_biasinject.layers.checks import check_positive_int
+
 FILE_SUFFIXES = (".csv", ".jsonl")
 Control = Union[float, Sequence[float]]
 
@@ -91,8 +93,7 @@ class DataConfig:
                     f"DataConfig: `label_names` {self.label_names} and the keys of `control_map` "
                     f"{list(self.control_map)} must be the same labels."
                 )
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ValueError(f"DataConfig: `batch_size` must be a positive integer. Got batch_size={self.batch_size!r}.")
+        check_positive_int(self.batch_size, "batch_size", "DataConfig")
         if self.shuffle_seed is not None and (isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int)):
             raise ValueError(f"DataConfig: `shuffle_seed` must be an integer or None. Got shuffle_seed={self.shuffle_seed!r}.")
         if not isinstance(self.reshuffle, bool):

@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 
+from keras_biasinject.layers.checks import check_positive_int
 from keras_biasinject.distribute.backup import AtomicBackupAndRestore
 
 
@@ -53,8 +54,7 @@ def fit_resumable(model, dataset, epochs, backup_dir, save_freq, chief=True, cal
 
     Callbacks start afresh on resume: EarlyStopping counts its patience, and ModelCheckpoint its
     best value, from the resumed step."""
-    if isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq <= 0:
-        raise ValueError(f"fit_resumable: save_freq is a number of steps and must be a positive integer. Got save_freq={save_freq!r}.")
+    check_positive_int(save_freq, "save_freq", "fit_resumable")  # a number of steps
     per_epoch = int(dataset.cardinality().numpy())
     if per_epoch <= 0:
         raise ValueError(f"fit_resumable: dataset must be finite and non-empty (cardinality {per_epoch}); do not .repeat() it.")

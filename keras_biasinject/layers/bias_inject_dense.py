@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_biasinject.layers import control as control_lib
+from keras_biasinject.layers.checks import check_positive_int
 from keras_biasinject.layers.projection import Projection, layer_path
 
 
@@ -60,7 +61,7 @@ class BiasInjectDense(keras.layers.Layer):
         name = self.__class__.__name__
         if base_layer is None:
             base_layer = keras.layers.Dense(
-                control_lib.check_positive_int(units, "units", name),
+                check_positive_int(units, "units", name),
                 activation=activation,
                 use_bias=use_bias,
                 kernel_initializer=kernel_initializer,
@@ -77,7 +78,7 @@ class BiasInjectDense(keras.layers.Layer):
         projection = Projection(base_layer, name)
         kwargs.setdefault("dtype", projection.dtype_policy)
         super().__init__(**kwargs)
-        self.control_dim = control_lib.check_positive_int(control_dim, "control_dim", name)
+        self.control_dim = check_positive_int(control_dim, "control_dim", name)
         self.neutral = control_lib.check_neutral(neutral, self.control_dim, name)
         self.control_initializer = keras.initializers.get(control_initializer)
         self.base_layer = base_layer

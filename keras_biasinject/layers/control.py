@@ -64,10 +64,6 @@ def check_neutral(neutral, control_dim, owner):
     return values[0] if isinstance(neutral, (int, float)) else values
 
 
-def check_positive_int(value, name, owner):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{owner}: `{name}` must be a positive integer. Got {name}={value!r}.")
-    return int(value)
 
 
 def centred_control(control, neutral, control_dim, max_lead, dtype, owner):

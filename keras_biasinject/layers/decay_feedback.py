@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_biasinject.layers import control as control_lib
+from keras_biasinject.layers.checks import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_biasinject")
@@ -62,8 +63,8 @@ class DecayFeedback(keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")  # the state accumulates: keep it in float32
         super().__init__(**kwargs)
         name = self.__class__.__name__
-        self.control_dim = control_lib.check_positive_int(control_dim, "control_dim", name)
-        self.feedback_dim = control_lib.check_positive_int(
+        self.control_dim = check_positive_int(control_dim, "control_dim", name)
+        self.feedback_dim = check_positive_int(
             control_dim if feedback_dim is None else feedback_dim, "feedback_dim", name
         )
         half_life_values = np.asarray(half_life, dtype="float64").reshape(-1)

@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_biasinject.layers import control as control_lib
+from keras_biasinject.layers.checks import check_positive_int
 from keras_biasinject.layers.projection import Projection, layer_path
 
 GATES = {"always": 1.0, "control": 0.0}  # gate name -> LoRA strength at the neutral control
@@ -74,8 +75,8 @@ class LoRABiasAdapter(keras.layers.Layer):
                 "Call it on an input (or `layer.build(input_shape)`) before wrapping it."
             )
         projection = Projection(base_layer, name)
-        rank = control_lib.check_positive_int(rank, "rank", name)
-        control_dim = control_lib.check_positive_int(control_dim, "control_dim", name)
+        rank = check_positive_int(rank, "rank", name)
+        control_dim = check_positive_int(control_dim, "control_dim", name)
         if gate not in GATES:
             raise ValueError(f"{name}: `gate` must be one of {sorted(GATES)}. Got gate={gate!r}.")
         if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):

@@ -3,13 +3,14 @@
 An entry is named after the file and a digest of (converter version, resolved path, size,
 modification time): replacing or touching the GGUF file, or a new converter version, gives a new
 entry. Entries are written with `atomic_dir`, so a folder under that name is always complete; a
-conversion that was killed leaves only a `*.partial-*` folder, which no reader uses.
+conversion that was killed leaves only a hidden `.*.partial-*` folder, which no reader uses.
 """
 
 import hashlib
 from pathlib import Path
 
-from keras_biasinject.cache import atomic_dir, cache_root
+from keras_biasinject.atomic import atomic_dir
+from keras_biasinject.cache import cache_root
 from keras_biasinject.models.gguf import convert_gguf
 
 # Bump when convert_gguf's output changes, so stale entries are not reused.
@@ -35,6 +36,6 @@ def converted_gguf(gguf_path):
         raise ValueError(f"gguf_path={str(gguf_path)!r} is not a file. Pass the path of a `.gguf` file.")
     entry = gguf_cache_entry(gguf_path)
     if not entry.is_dir():
-        with atomic_dir(entry) as tmp:
+        with atomic_dir(entry, keep_existing=True) as tmp:
             convert_gguf(gguf_path, tmp)
     return entry

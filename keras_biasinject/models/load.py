@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from keras_biasinject.layers.checks import check_positive_int
 from keras_biasinject.models.gguf_cache import converted_gguf
 from keras_biasinject.models.registry import BUILTIN_MODELS, builtin_preset
 
@@ -121,8 +122,7 @@ def _check_arguments(spec, task, num_classes, sequence_length):
     elif num_classes is not None:
         raise ValueError(f"num_classes={num_classes!r} is only used with task='classifier'; got task={task!r}.")
     if sequence_length is not None:
-        if isinstance(sequence_length, bool) or not isinstance(sequence_length, int) or sequence_length < 1:
-            raise ValueError(f"sequence_length must be a positive integer or None; got {sequence_length!r}.")
+        check_positive_int(sequence_length, "sequence_length", "load", allow_none=True)
         if task is None:
             raise ValueError(
                 f"sequence_length={sequence_length} is a preprocessor setting and task=None has no "

@@ -13,9 +13,6 @@ never sees half an adapter, and an existing adapter is replaced only with `overw
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,9 +20,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_biasinject.atomic import atomic_dir
 from keras_biasinject.rewrite.config import InjectionConfig
-from keras_biasinject.rewrite.inject import _backbone_of, inject
+from keras_biasinject.rewrite.inject import inject
 from keras_biasinject.rewrite.injected_model import InjectedModel
+from keras_biasinject.rewrite.kerashub import backbone_of, with_tied_embeddings
 from keras_biasinject.rewrite.merge import _splices_of, remove
 
 CONFIG_FILE = "adapter_config.json"
@@ -58,14 +57,12 @@ def _fingerprint(model):
 
 
 def _backbone_description(model):
-    backbone = _backbone_of(model)
+    backbone = backbone_of(model)
     cls = backbone._base_class if isinstance(backbone, InjectedModel) else type(backbone)
     raw = backbone.get_config()
     if isinstance(backbone, InjectedModel):
         raw = raw["base_config"]
-    config = {k: v for k, v in raw.items() if k not in _IGNORED_BACKBONE_KEYS}
-    if hasattr(backbone, "tie_word_embeddings"):  # KerasHub 0.32's Llama get_config leaves it out
-        config["tie_word_embeddings"] = bool(backbone.tie_word_embeddings)
+    config = {k: v for k, v in with_tied_embeddings(backbone, raw).items() if k not in _IGNORED_BACKBONE_KEYS}
     return keras.saving.get_registered_name(cls), json.loads(json.dumps(config, default=str))
 
 
@@ -102,24 +99,9 @@ def save_adapter(model, path, overwrite=False):
         "weights": {p: list(a.shape) for p, a in arrays.items()},
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
+    with atomic_dir(path, overwrite=overwrite) as tmp:  # the old adapter stays whole until the new one is in place
         save_file(arrays, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if path.exists():  # overwrite: the old adapter stays whole until the new one is in place
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Optional, Sequence, Union
 
+from keras_biasinject.layers.checks import check_positive_int
 from keras_biasinject.layers.lora_bias_adapter import GATES
 
 KINDS = ("lora_bias", "bias")
@@ -46,9 +47,7 @@ class InjectionConfig:
         if self.gate not in GATES:
             raise ValueError(f"InjectionConfig: `gate` must be one of {sorted(GATES)}. Got gate={self.gate!r}.")
         for name in ("rank", "control_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"InjectionConfig: `{name}` must be a positive integer. Got {name}={value!r}.")
+            check_positive_int(getattr(self, name), name, "InjectionConfig")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
             raise ValueError(f"InjectionConfig: `alpha` must be a positive number or None. Got alpha={self.alpha!r}.")
         if self.kind == "bias" and self.gate == "always":

@@ -3,12 +3,13 @@
 import dataclasses
 
 import keras
-import numpy as np
 
 from keras_biasinject.layers import BiasInjectDense, LoRABiasAdapter
 from keras_biasinject.layers.projection import Projection
 from keras_biasinject.rewrite.config import InjectionConfig
+from keras_biasinject.rewrite.frozen import count_params
 from keras_biasinject.rewrite.injected_model import InjectedModel, injected_class
+from keras_biasinject.rewrite.kerashub import backbone_of
 from keras_biasinject.rewrite.targets import find_layers, find_targets
 
 ADAPTERS = (LoRABiasAdapter, BiasInjectDense)
@@ -42,19 +43,6 @@ class Undo:
     def __init__(self, splices, trainable_before):
         self.splices = splices  # [(Target, adapter)] in splice order
         self.trainable_before = trainable_before  # ([(variable, flag)], [(layer, flag)])
-
-
-def _backbone_of(model):
-    import keras_hub
-
-    if isinstance(model, keras_hub.models.Backbone):
-        return model
-    if isinstance(model, keras_hub.models.Task) and isinstance(getattr(model, "backbone", None), keras_hub.models.Backbone):
-        return model.backbone
-    raise ValueError(
-        f"inject: expected a KerasHub Backbone or Task (CausalLM, TextClassifier, ...); got "
-        f"{type(model).__name__}. Load the model with keras_hub (e.g. `keras_hub.models.GPT2Backbone.from_preset`)."
-    )
 
 
 def _make_adapter(target, config):
@@ -106,10 +94,6 @@ def _freeze_base(model, extra_trainable):
             variable.trainable = False
 
 
-def _count(weights):
-    return int(sum(np.prod(w.shape) for w in weights))
-
-
 def refuse_silent_distribution(where):
     """Raises if a `keras.distribution` is set on a backend where Keras ignores it (all but JAX)."""
     distribution = keras.distribution.distribution()
@@ -149,7 +133,7 @@ def inject(model, config=None, **fields):
     if isinstance(model, InjectedModel):
         raise ValueError(f"inject: this {type(model).__name__} is already injected; inject the base model once.")
     refuse_silent_distribution("inject")
-    backbone = _backbone_of(model)
+    backbone = backbone_of(model)
     if isinstance(backbone, InjectedModel):
         raise ValueError("inject: this task's backbone is already injected; inject either the backbone or the task, once.")
     targets = find_targets(backbone, config)
@@ -169,7 +153,7 @@ def inject(model, config=None, **fields):
     if getattr(model, "generate_function", None) is not None:
         model.generate_function = None  # compiled before the splice: recompile on next generate
     _freeze_base(model, extra)
-    report = InjectionReport(config, [t.path for t in targets], _count(model.trainable_weights), _count(model.weights))
+    report = InjectionReport(config, [t.path for t in targets], count_params(model.trainable_weights), count_params(model.weights))
     backbone.injection = report
     model.injection = report
     model._kbi_undo = Undo(list(zip(targets, adapters)), trainable_before)

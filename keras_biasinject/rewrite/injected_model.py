@@ -23,6 +23,7 @@ import numpy as np
 from keras import ops
 
 from keras_biasinject.layers.control import control_scope, current_control
+from keras_biasinject.rewrite.kerashub import with_tied_embeddings
 
 REGISTERED_NAME = "InjectedModel"
 _classes = {}  # base class -> its Injected subclass
@@ -101,11 +102,7 @@ class InjectedModel:
         return super().compute_output_spec(inputs, *args, **kwargs)
 
     def get_config(self):
-        base_config = super().get_config()
-        # KerasHub 0.32's Llama backbones take `tie_word_embeddings` but leave it out of get_config,
-        # so a tied model (SmolLM2) would come back untied, with one weight more. Keep it.
-        if hasattr(self, "tie_word_embeddings") and "tie_word_embeddings" not in base_config:
-            base_config["tie_word_embeddings"] = bool(self.tie_word_embeddings)
+        base_config = with_tied_embeddings(self, super().get_config())
         backbone = base_config.get("backbone")
         if isinstance(backbone, dict) and backbone.get("registered_name") == f"keras_biasinject>{REGISTERED_NAME}":
             base_config["backbone"] = _plain(backbone["config"])  # the task's from_config re-injects it

@@ -126,7 +126,7 @@ def test_interrupted_run_resumes_without_redoing_finished_methods(tmp_path):
     assert [row["method"] for row in first["results"]] == ["base"]
     assert (run / "backup" / "bias_injection" / "state" / "latest.weights.h5").exists()  # kept for the resume
     # A backup torn by a kill during the next write is ignored: the complete one is used.
-    torn = run / "backup" / "bias_injection" / "state.partial"
+    torn = run / "backup" / "bias_injection" / ".state.partial-killed"
     torn.mkdir()
     (torn / "latest.weights.h5").write_bytes(b"half a file")
 

@@ -104,7 +104,7 @@ def test_killed_finetune_resumes_at_the_backed_up_step(recipe_file, uninterrupte
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert not (run / "report.json").exists()
-    torn = run / "backup" / "bias_injection" / "state.partial"  # a backup the kill interrupted mid-write
+    torn = run / "backup" / "bias_injection" / ".state.partial-killed"  # a backup the kill interrupted mid-write
     torn.mkdir(exist_ok=True)
     (torn / "latest.weights.h5").write_bytes(b"half a file")
 

@@ -107,8 +107,8 @@ def test_killed_worker_resumes_from_last_step_backup(tmp_path):
         p.wait()
     assert (backup / "state" / "latest.weights.h5").is_file()  # the step-9 backup
     # A half-written checkpoint left by a kill during a save: must be ignored, never loaded.
-    (backup / "state.partial").mkdir()
-    (backup / "state.partial" / "latest.weights.h5").write_bytes(b"torn")
+    (backup / ".state.partial-killed").mkdir()
+    (backup / ".state.partial-killed" / "latest.weights.h5").write_bytes(b"torn")
     procs, outs = _multi_worker(tmp_path, "resumed", "--backup", backup, "--save-freq", 3)
     _wait(procs)
     resumed, started = _weights(outs[0])

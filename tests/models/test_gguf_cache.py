@@ -103,7 +103,7 @@ def test_a_killed_conversion_leaves_no_entry_and_the_next_load_converts(cache, g
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
     entry = gguf_cache_entry(path)
     assert not entry.exists()
-    (partial,) = cache.glob(f"{entry.name}.partial-*")  # the interrupted build, which no reader uses
+    (partial,) = cache.glob(f".{entry.name}.partial-*")  # the interrupted build, which no reader uses
     assert (partial / "model.safetensors").is_file() and not (partial / "config.json").exists()
 
     from keras_biasinject.models import load

@@ -30,7 +30,7 @@ SENTENCES = [
         (dict(task="classifier"), ValueError, r"task='classifier' needs num_classes, an integer >= 2; got num_classes=None"),
         (dict(task="classifier", num_classes=1), ValueError, r"got num_classes=1"),
         (dict(num_classes=3), ValueError, r"num_classes=3 is only used with task='classifier'; got task=None"),
-        (dict(task="causal_lm", sequence_length=0), ValueError, r"sequence_length must be a positive integer or None; got 0"),
+        (dict(task="causal_lm", sequence_length=0), ValueError, r"load: `sequence_length` must be a positive integer or None. Got sequence_length=0"),
         (dict(sequence_length=64), ValueError, r"sequence_length=64 is a preprocessor setting and task=None"),
     ],
 )
