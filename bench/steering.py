@@ -39,7 +39,7 @@ def perplexities(lm, texts, controls):
 def main():
     from keras_biasinject.data import load_dataset
     from keras_biasinject.recipes import finetune, load_recipe
-    from keras_biasinject.recipes.evaluate import load_run_model
+    from keras_biasinject.recipes.run_folder import load_run_model
     from keras_biasinject.rewrite.merge import merge
 
     judge = RESULTS / "runs" / "quality-seed0-control"

@@ -16,6 +16,12 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from keras_biasinject.distribute.strategy import STRATEGIES
+
+# The commands import what they use when they run (recipes, export, serving pull in keras_hub and
+# starlette): `kbi --help` and argument errors stay fast.
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "files"  # -> the top-level recipes/
 DEMO_RECIPE = "classify_fine_foods"
 
@@ -39,6 +45,16 @@ def _overrides(pairs):
             raise SystemExit(f"kbi: --set takes KEY=VALUE (e.g. train.epochs=3). Got {pair!r}.")
         out.append((key.strip(), _value(value.strip())))
     return out
+
+
+def parse_control(text):
+    """"1" -> [1.0]; "1,-0.5" -> [1.0, -0.5]; anything else is a stored control name."""
+    if text is None:
+        return None
+    try:
+        return np.asarray([float(v) for v in str(text).split(",")], "float32")
+    except ValueError:
+        return str(text)
 
 
 def _recipe_path(name):
@@ -80,39 +96,27 @@ def cmd_demo(args):
 def cmd_evaluate(args):
     from keras_biasinject.recipes.evaluate import evaluate_run
 
-    rows = evaluate_run(args.run, controls=args.control or [1.0, 0.0])
-    for row in rows:
-        print(f"control {row['control']:>6}: {row['metric']} {row['value']:.4f}")
+    controls = [None if c.strip().lower() == "neutral" else parse_control(c) for c in args.control or ["1", "neutral"]]
+    if any(isinstance(c, str) for c in controls):
+        raise ValueError(f"evaluate: --control takes numbers (comma-separated for several dimensions) or 'neutral'. Got {args.control}.")
+    for row in evaluate_run(args.run, controls=controls):
+        print(f"control {row['control']}: {row['metric']} {row['value']:.4f}")
 
 
 def cmd_generate(args):
-    from keras_biasinject.recipes.evaluate import generate
+    from keras_biasinject.recipes.generate import generate
 
-    for text in generate(args.model, args.prompt, adapter=args.adapter, control=args.control, max_length=args.max_length):
+    control = parse_control(args.control)
+    for text in generate(args.model, args.prompt, adapter=args.adapter, control=control, max_length=args.max_length):
         print(text)
 
 
 def cmd_export(args):
     from keras_biasinject.export import export_onnx, export_saved_model
+    from keras_biasinject.recipes.run_folder import load_model_source
 
-    source = Path(args.source)
-    if source.is_dir() and (source / "report.json").is_file():
-        from keras_biasinject.recipes.evaluate import load_run_model
-
-        _, model = load_run_model(source)
-    elif source.suffix == ".keras" and source.is_file():
-        import keras
-
-        import keras_biasinject  # noqa: F401  (registers the injected model class)
-
-        model = keras.models.load_model(source)
-    else:
-        raise FileNotFoundError(f"export: {str(source)!r} is neither a run folder (with report.json) nor a .keras file.")
-    control = None
-    if args.control is not None:
-        from keras_biasinject.recipes.evaluate import parse_control
-
-        control = parse_control(args.control)
+    model = load_model_source(args.source)
+    control = parse_control(args.control)
     feedback = None
     if args.feedback_half_life is not None:
         from keras_biasinject.layers import DecayFeedback
@@ -170,7 +174,7 @@ def build_parser():
         p.add_argument("--out", required=True, help="run folder: report.json, plots, logs, checkpoints, adapter")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.epochs=3 (repeatable)")
         p.add_argument("--methods", help="comma-separated methods to run, e.g. base,bias_injection")
-        p.add_argument("--strategy", choices=["default", "mirrored", "multi-worker", "tpu"], default="default",
+        p.add_argument("--strategy", choices=list(STRATEGIES), default="default",
                        help="devices to train on: one (default), all local GPUs (mirrored), every worker in $TF_CONFIG "
                             "(multi-worker; run the same command on each), or a TPU ($TPU_NAME). "
                             "train.batch_size is the global batch")
@@ -187,7 +191,8 @@ def build_parser():
 
     p = sub.add_parser("evaluate", help="evaluate a finished run's adapter at one or more controls")
     p.add_argument("run", help="a run folder written by `kbi finetune` / `kbi demo`")
-    p.add_argument("--control", type=float, action="append", help="control value (repeatable; default: 1 and 0)")
+    p.add_argument("--control", action="append",
+                   help="control value: a number, comma-separated numbers, or 'neutral' (repeatable; default: 1 and neutral)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="generate text from a causal LM, optionally with an adapter and a control")

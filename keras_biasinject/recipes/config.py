@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from keras_biasinject.layers.checks import check_positive_int, check_positive_number
 from keras_biasinject.rewrite.config import InjectionConfig
 
 if sys.version_info >= (3, 11):
@@ -52,6 +53,16 @@ class TrainConfig:
     save_freq: Union[str, int] = "epoch"  # backups: "epoch"; or every N steps, resumed at that exact step
 
 
+@dataclasses.dataclass
+class SteerConfig:
+    judge: Optional[str] = None  # run folder of the classification recipe (holds classifier.keras); None: no curve
+    controls: Sequence[float] = (-1.0, -0.5, 0.0, 0.5, 1.0)  # control values to generate at (as the model gets them)
+    samples: int = 16  # prompts per control value
+    prompt_words: int = 4  # each prompt: the first words of a held-out review
+    max_length: int = 40  # tokens per generation, prompt included
+    positive_label: int = 0  # the judge's class id for "positive" (Fine Foods: 0 = great)
+
+
 def _build(cls, table, values):
     if values is None:
         return cls()
@@ -66,13 +77,6 @@ def _build(cls, table, values):
     return cls(**values)
 
 
-def _positive_int(table, name, value, allow_none=False):
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"recipe: [{table}] {name} must be a positive integer. Got {name}={value!r}.")
-
-
 @dataclasses.dataclass
 class Recipe:
     """A whole recipe. Build one from a file with `load_recipe`, or in code."""
@@ -82,7 +86,7 @@ class Recipe:
     data: dict = dataclasses.field(default_factory=dict)  # keyword arguments of keras_biasinject.data.DataConfig
     inject: InjectionConfig = dataclasses.field(default_factory=InjectionConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    steer: dict = dataclasses.field(default_factory=dict)  # causal_lm: keras_biasinject.recipes.steering.SteerConfig
+    steer: SteerConfig = dataclasses.field(default_factory=SteerConfig)  # causal_lm: the steering curve
     name: str = "recipe"  # used in report titles
 
     def __post_init__(self):
@@ -95,8 +99,6 @@ class Recipe:
                 self.inject = InjectionConfig.from_dict(self.inject)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"recipe: [inject] {error}") from None
-        from keras_biasinject.recipes.steering import SteerConfig
-
         self.steer = _build(SteerConfig, "steer", self.steer or None)
         if self.task != "causal_lm" and self.steer.judge is not None:
             raise ValueError("recipe: [steer] is for task='causal_lm' (it judges generated text); remove it.")
@@ -109,23 +111,28 @@ class Recipe:
                 f"recipe: [train] methods must be distinct names from {list(METHODS)}. Got methods={methods!r}."
             )
         self.train.methods = methods
-        for name in ("epochs", "batch_size", "patience", "seed"):
-            _positive_int("train", name, getattr(self.train, name) + (1 if name == "seed" else 0))
-        if self.train.save_freq != "epoch":
+        self._check_numbers()
+
+    def _check_numbers(self):
+        train, model = self.train, self.model
+        for name in ("epochs", "batch_size", "patience"):
+            check_positive_int(getattr(train, name), name, "recipe: [train]")
+        seed = train.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"recipe: [train]: `seed` must be an integer >= 0. Got seed={seed!r}.")
+        if train.save_freq != "epoch":
             try:
-                _positive_int("train", "save_freq", self.train.save_freq)
+                check_positive_int(train.save_freq, "save_freq", "recipe: [train]")
             except ValueError:
-                raise ValueError(f'recipe: [train] save_freq must be "epoch" or a positive number of steps. '
-                                 f"Got save_freq={self.train.save_freq!r}.") from None
+                raise ValueError(f'recipe: [train]: `save_freq` must be "epoch" or a positive number of steps. '
+                                 f"Got save_freq={train.save_freq!r}.") from None
         for name in ("max_train_examples", "max_eval_examples"):
-            _positive_int("train", name, getattr(self.train, name), allow_none=True)
+            check_positive_int(getattr(train, name), name, "recipe: [train]", allow_none=True)
         for name in ("learning_rate", "full_learning_rate"):
-            value = getattr(self.train, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"recipe: [train] {name} must be a positive number. Got {name}={value!r}.")
-        _positive_int("model", "sequence_length", self.model.sequence_length)
-        _positive_int("model", "num_classes", self.model.num_classes, allow_none=True)
-        d = self.model.dropout
+            check_positive_number(getattr(train, name), name, "recipe: [train]")
+        check_positive_int(model.sequence_length, "sequence_length", "recipe: [model]")
+        check_positive_int(model.num_classes, "num_classes", "recipe: [model]", allow_none=True)
+        d = model.dropout
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1):
             raise ValueError(f"recipe: [model] dropout must be a number in [0, 1), or left out. Got dropout={d!r}.")
         if self.task == "causal_lm" and self.model.num_classes is not None:

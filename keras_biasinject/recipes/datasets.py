@@ -105,9 +105,11 @@ def score(model, recipe, ds):
     return "perplexity", float(math.exp(values["loss"]))
 
 
-def compile_for_scoring(model):
-    """Compiles `model` with the loss and the one accuracy metric that `score` reads."""
+def compile_for_recipe(model, optimizer="adam"):
+    """Compiles `model` with the loss and the one accuracy metric every recipe method uses (and that
+    `score` reads): classifier logits over classes, or LM logits over the vocabulary."""
     model.compile(
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=None,  # not KerasHub's "auto" metrics: one accuracy, weighted by the padding mask
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],

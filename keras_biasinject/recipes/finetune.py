@@ -8,83 +8,29 @@ run resumes at exactly that step (`fit_resumable`). A finished method's result i
 the same recipe into the same folder again skips it, so Ctrl-C never loses finished work.
 """
 
-import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from keras_biasinject.data.pipeline import FILE_SUFFIXES, DataConfig, make_dataset
 from keras_biasinject.distribute.backup import AtomicBackupAndRestore
 from keras_biasinject.distribute.resume import fit_resumable
 from keras_biasinject.distribute.strategy import is_chief, make_strategy, per_replica_batch
 from keras_biasinject.distribute.workarounds import keras_fixes
-from keras_biasinject.models.load import load
-from keras_biasinject.recipes.methods import PREPARE, count
+from keras_biasinject.recipes.config import Recipe
+from keras_biasinject.recipes.datasets import compile_for_recipe, control_vector, score, split_dataset, with_control
+from keras_biasinject.recipes.methods import PREPARE
+from keras_biasinject.recipes.report import write_plots
+from keras_biasinject.recipes.run_folder import base_model
+from keras_biasinject.recipes.steering import steering_curve
+from keras_biasinject.rewrite.adapter_file import save_adapter
+from keras_biasinject.rewrite.frozen import FrozenSnapshot, count_params
 from keras_biasinject.rewrite.inject import refuse_silent_distribution
 from keras_biasinject.rewrite.injected_model import InjectedModel
-
-LOAD_TASK = {"classification": "classifier", "causal_lm": "causal_lm"}
-DEFAULT_SPLITS = {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"}
-
-
-def _splits(recipe):
-    """train / validation / test: TFDS split strings, or files (each replaces `source`)."""
-    data = dict(recipe.data)
-    splits = {**DEFAULT_SPLITS, **data.pop("splits", {})}
-    unknown = sorted(set(splits) - set(DEFAULT_SPLITS))
-    if unknown:
-        raise ValueError(f"recipe: unknown key(s) {unknown} in [data.splits]. Allowed keys: {sorted(DEFAULT_SPLITS)}.")
-    n = recipe.train.max_train_examples
-    if n is not None and splits["train"] == DEFAULT_SPLITS["train"]:
-        splits["train"] = f"train[:{n}]"
-    m = recipe.train.max_eval_examples
-    if m is not None and splits["test"] == DEFAULT_SPLITS["test"]:
-        splits["test"] = f"test[:{m}]"
-    if m is not None and splits["validation"] == DEFAULT_SPLITS["validation"]:
-        splits["validation"] = f"train[-{m}:]"
-    return data, splits
-
-
-def _data_config(recipe, data, split=None, shuffle=False):
-    # Step-level backups resume by skipping the steps done, so every epoch keeps one seeded order.
-    fields = {**data, "batch_size": recipe.train.batch_size, "shuffle_seed": recipe.train.seed if shuffle else None,
-              "reshuffle": recipe.train.save_freq == "epoch"}
-    if split is not None and str(split).endswith(FILE_SUFFIXES):
-        fields["source"] = split
-    internal = ("batch_size", "shuffle_seed", "reshuffle")  # set from [train]
-    allowed = sorted([f.name for f in dataclasses.fields(DataConfig) if f.name not in internal] + ["splits"])
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ValueError(f"recipe: unknown key(s) {unknown} in [data]. Allowed keys: {allowed}.")
-    try:
-        return DataConfig(**fields)
-    except TypeError as error:
-        raise ValueError(f"recipe: [data] {error}. Allowed keys: {allowed}.") from None
-
-
-def _dataset(recipe, data, split, preprocessor, injected, shuffle):
-    source_is_file = str(split).endswith(FILE_SUFFIXES)
-    config = _data_config(recipe, data, split, shuffle)
-    ds = make_dataset(config, preprocessor, split=None if source_is_file else split)
-    if not injected:  # the control groups have no control input
-        ds = ds.map(lambda x, *rest: ({k: v for k, v in x.items() if k != "control"}, *rest))
-    options = tf.data.Options()  # multi-worker: each worker takes its slice of every global batch
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.with_options(options)
-
-
-def _with_control(ds, value):
-    """The same examples with every control set to `value` (the on/off switch at evaluation)."""
-    def set_control(x, *rest):
-        return ({**x, "control": tf.fill(tf.shape(x["control"]), tf.constant(value, tf.float32))}, *rest)
-
-    return ds.map(set_control)
+from keras_biasinject.rewrite.kerashub import preprocessor_detached
 
 
 def _optimizer(recipe, steps, method):
@@ -94,16 +40,6 @@ def _optimizer(recipe, steps, method):
         0.0, decay_steps=max(1, steps - warmup), alpha=0.1, warmup_target=peak, warmup_steps=warmup
     )
     return keras.optimizers.Adam(schedule)
-
-
-def _compile(model, recipe, steps, method):
-    # Classifier logits over classes, or LM logits over the vocabulary: the same loss and metric.
-    model.compile(
-        optimizer=_optimizer(recipe, steps, method),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=None,  # not KerasHub's "auto" metrics: one accuracy, weighted by the padding mask
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
 
 
 def _callbacks(recipe, run_dir, method):
@@ -139,27 +75,21 @@ def _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy
     return history, resumed
 
 
-def _frozen_snapshot(model):
-    return {id(v): np.array(keras.ops.convert_to_numpy(v)) for v in model.weights if not v.trainable}
-
-
-def _unchanged(model, snapshot):
-    return all(np.array_equal(keras.ops.convert_to_numpy(v), snapshot[id(v)]) for v in model.weights if id(v) in snapshot)
-
-
-def _score(model, recipe, ds):
-    """(metric name, value): accuracy for classification, perplexity for the LM."""
-    with keras_fixes():  # evaluate builds the model like fit (keras-team/keras#20329)
-        values = model.evaluate(ds, verbose=0, return_dict=True)
-    if recipe.task == "classification":
-        return "accuracy", float(values["accuracy"])
-    return "perplexity", float(math.exp(values["loss"]))
-
-
 def _write_json(path, data):
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _prepared_model(recipe, method, strategy):
+    """A fresh base, prepared for `method`, created in the strategy's scope."""
+    with strategy.scope():
+        return PREPARE[method](base_model(recipe, dropout=recipe.model.dropout), recipe)
+
+
+def _result_row(method, metric, value, trainable, seconds, injected):
+    return {"method": method, "metric": metric, "value": value, "trainable_params": trainable,
+            "seconds": round(seconds, 1), "base_weights_unchanged": True if injected else None}
 
 
 def run_method(recipe, method, run_dir, verbose=1, strategy=None, backup_dir=None):
@@ -174,57 +104,68 @@ def run_method(recipe, method, run_dir, verbose=1, strategy=None, backup_dir=Non
     strategy = strategy or tf.distribute.get_strategy()
     per_replica_batch(recipe.train.batch_size, strategy)  # raises unless it divides evenly
     keras.utils.set_random_seed(recipe.train.seed)
-    extra = {}
-    if recipe.task == "classification":
-        extra["num_classes"] = recipe.model.num_classes or len(_data_config(recipe, _splits(recipe)[0]).class_names or [])
-    if recipe.model.dropout is not None:
-        extra["dropout"] = float(recipe.model.dropout)
-    with strategy.scope():
-        model = load(recipe.model.spec, task=LOAD_TASK[recipe.task], sequence_length=recipe.model.sequence_length, **extra)
-        model = PREPARE[method](model, recipe)
+    model = _prepared_model(recipe, method, strategy)
     injected = isinstance(model, InjectedModel)
-    preprocessor = model.preprocessor
-    data, splits = _splits(recipe)
-    train = _dataset(recipe, data, splits["train"], preprocessor, injected, shuffle=True)
-    validation = _dataset(recipe, data, splits["validation"], preprocessor, injected, shuffle=False)
-    test = _dataset(recipe, data, splits["test"], preprocessor, injected, shuffle=False)
-    model.preprocessor = None  # the datasets are tokenized already; put back for generate and saving
+    train, validation, test = (
+        split_dataset(recipe, split, model.preprocessor, injected, shuffle=split == "train")
+        for split in ("train", "validation", "test")
+    )
     steps = int(train.cardinality().numpy()) * recipe.train.epochs
-    trainable = count(model.trainable_weights)
+    trainable = count_params(model.trainable_weights)
     with strategy.scope():
-        _compile(model, recipe, steps, method)
-    frozen = _frozen_snapshot(model)
-    start = time.perf_counter()
-    history, resumed = {}, None
-    if trainable and not (method == "base" and recipe.task == "causal_lm"):
-        backup_dir = Path(backup_dir) if backup_dir is not None else run_dir / "backup" / method
-        history, resumed = _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy, verbose)
-    seconds = time.perf_counter() - start
-    if injected and not _unchanged(model, frozen):
-        raise RuntimeError(f"{method}: a frozen base weight changed during training; this is a bug, please report it.")
-    metric, value = _score(model, recipe, test)
-    rows = [{"method": method, "metric": metric, "value": value, "trainable_params": trainable,
-             "seconds": round(seconds, 1), "base_weights_unchanged": True if injected else None}]
-    if resumed:
-        rows[0]["resumed_from_step"] = resumed
-    if injected and recipe.task == "classification":
-        # The run-time switch: the same trained model with the learned behaviour switched off.
-        neutral = float(np.mean(recipe.inject.neutral))
-        metric, value = _score(model, recipe, _with_control(test, neutral))
-        rows.append({"method": f"{method} (control off)", "metric": metric, "value": value,
-                     "trainable_params": trainable, "seconds": 0.0, "base_weights_unchanged": True})
-    model.preprocessor = preprocessor
+        compile_for_recipe(model, _optimizer(recipe, steps, method))
+    frozen = FrozenSnapshot(model)
+    history, resumed, start = {}, None, time.perf_counter()
+    with preprocessor_detached(model):  # the datasets are tokenized already
+        if trainable and not (method == "base" and recipe.task == "causal_lm"):
+            backup_dir = Path(backup_dir) if backup_dir is not None else run_dir / "backup" / method
+            history, resumed = _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy, verbose)
+        seconds = time.perf_counter() - start
+        if injected and frozen.changed(model):
+            raise RuntimeError(f"{method}: frozen base weight {frozen.changed(model)[0]!r} changed during training; "
+                               "this is a bug, please report it.")
+        rows = [_result_row(method, *score(model, recipe, test), trainable, seconds, injected)]
+        if resumed:
+            rows[0]["resumed_from_step"] = resumed
+        if injected and recipe.task == "classification":
+            # The run-time switch: the same trained model with the learned behaviour switched off.
+            off = score(model, recipe, with_control(test, control_vector(recipe)))
+            rows.append(_result_row(f"{method} (control off)", *off, trainable, 0.0, injected))
     return rows, history, model
 
 
 def _with_defaults(saved):
     """A report's recipe with keys added by later versions filled in with their defaults."""
-    from keras_biasinject.recipes.config import Recipe
-
     try:
         return json.loads(json.dumps(Recipe(**saved).to_dict()))
     except (TypeError, ValueError):
         return saved
+
+
+def _start_report(recipe, run_dir):
+    """The report to continue: the one in `run_dir` if it is this recipe's (interrupted), else empty."""
+    report_path = run_dir / "report.json"
+    as_json = json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as report.json holds them
+    if not report_path.exists():
+        return {"recipe": as_json, "results": [], "history": {}}
+    previous = json.loads(report_path.read_text())
+    if _with_defaults(previous.get("recipe")) != as_json:
+        raise ValueError(
+            f"finetune: {str(run_dir)!r} holds the report of a different recipe; it is never overwritten. "
+            "Choose another output folder, or delete that one."
+        )
+    return previous  # the same run, interrupted: keep what finished
+
+
+def _keep_outputs(recipe, method, model, run_dir, report):
+    """What a finished bias injection leaves: its adapter, the judge (classification), the steering curve."""
+    if method != "bias_injection":
+        return
+    save_adapter(model, run_dir / "adapter", overwrite=True)
+    if recipe.task == "classification":
+        model.save(run_dir / "classifier.keras")  # the judge for the LM recipe's steering curve
+    if recipe.task == "causal_lm" and recipe.steer.judge is not None:
+        report["steering"] = steering_curve(model, recipe, recipe.steer)
 
 
 def finetune(recipe, out_dir, verbose=1, strategy="default"):
@@ -233,44 +174,21 @@ def finetune(recipe, out_dir, verbose=1, strategy="default"):
     `strategy`: "default", "mirrored", "multi-worker" (cluster from $TF_CONFIG) or "tpu"; or a
     tf.distribute strategy. Under multi-worker every worker runs this same call; worker 0 writes
     `out_dir`, the others `out_dir/worker-N` (their copies of the same results)."""
-    from keras_biasinject.recipes.report import write_plots
-
     refuse_silent_distribution("finetune")  # before anything is written
     strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
     run_dir = Path(out_dir)
     if not is_chief(strategy):
         run_dir = run_dir / f"worker-{strategy.cluster_resolver.task_id}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    report_path = run_dir / "report.json"
-    as_json = json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as report.json holds them
-    report = {"recipe": as_json, "results": [], "history": {}}
-    if report_path.exists():
-        previous = json.loads(report_path.read_text())
-        if _with_defaults(previous.get("recipe")) != as_json:
-            raise ValueError(
-                f"finetune: {str(run_dir)!r} holds the report of a different recipe; it is never overwritten. "
-                "Choose another output folder, or delete that one."
-            )
-        report = previous  # the same run, interrupted: keep what finished
+    report = _start_report(recipe, run_dir)
     done = {row["method"] for row in report["results"]}
-    for method in recipe.train.methods:
-        if method in done:
-            continue
+    for method in [m for m in recipe.train.methods if m not in done]:
         rows, history, model = run_method(recipe, method, run_dir, verbose=verbose, strategy=strategy,
                                           backup_dir=Path(out_dir) / "backup" / method)  # the chief's: shared
-        if method == "bias_injection":
-            from keras_biasinject.rewrite.adapter_file import save_adapter
-
-            save_adapter(model, run_dir / "adapter", overwrite=True)
-        if recipe.task == "classification" and method == "bias_injection":
-            model.save(run_dir / "classifier.keras")  # the judge for the LM recipe's steering curve
-        if recipe.task == "causal_lm" and method == "bias_injection" and recipe.steer.judge is not None:
-            from keras_biasinject.recipes.steering import steering_curve
-
-            report["steering"] = steering_curve(model, recipe, recipe.steer)
+        _keep_outputs(recipe, method, model, run_dir, report)
         report["results"] += rows
         report["history"][method] = history
-        _write_json(report_path, report)
+        _write_json(run_dir / "report.json", report)
         del model
         keras.backend.clear_session()
     write_plots(report, run_dir)

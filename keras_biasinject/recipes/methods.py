@@ -4,8 +4,6 @@ Each `prepare_<method>(model, recipe)` takes a freshly loaded KerasHub task and 
 train; all return the model to fit (the same object, or the injected one).
 """
 
-import numpy as np
-
 from keras_biasinject.rewrite.config import PRESETS
 from keras_biasinject.rewrite.inject import inject
 
@@ -53,7 +51,3 @@ PREPARE = {
     "full": prepare_full,
     "bias_injection": prepare_bias_injection,
 }
-
-
-def count(weights):
-    return int(sum(np.prod(w.shape) for w in weights))
