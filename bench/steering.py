@@ -24,15 +24,16 @@ def perplexities(lm, texts, controls):
     import keras
     import numpy as np
 
+    from keras_biasinject.rewrite.kerashub import preprocessor_detached
+
     x, y, w = lm.preprocessor(texts)
-    preprocessor, lm.preprocessor = lm.preprocessor, None
     lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=None)
     out = {}
-    for name, value in controls.items():
-        inputs = dict(x) if value is None else {**x, "control": np.full((len(texts), 1), value, "float32")}
-        loss = lm.evaluate(inputs, y, sample_weight=w, batch_size=16, verbose=0, return_dict=True)["loss"]
-        out[name] = math.exp(loss)
-    lm.preprocessor = preprocessor
+    with preprocessor_detached(lm):  # x is token ids already
+        for name, value in controls.items():
+            inputs = dict(x) if value is None else {**x, "control": np.full((len(texts), 1), value, "float32")}
+            loss = lm.evaluate(inputs, y, sample_weight=w, batch_size=16, verbose=0, return_dict=True)["loss"]
+            out[name] = math.exp(loss)
     return out
 
 

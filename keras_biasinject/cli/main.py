@@ -14,11 +14,14 @@ import ast
 import json
 import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 from keras_biasinject.distribute.strategy import STRATEGIES
+from keras_biasinject.layers import DecayFeedback
 
 # The commands import what they use when they run (recipes, export, serving pull in keras_hub and
 # starlette): `kbi --help` and argument errors stay fast.
@@ -119,8 +122,6 @@ def cmd_export(args):
     control = parse_control(args.control)
     feedback = None
     if args.feedback_half_life is not None:
-        from keras_biasinject.layers import DecayFeedback
-
         feedback = DecayFeedback(control_dim=model.injection.config.control_dim, half_life=args.feedback_half_life,
                                  neutral=model.injection.config.neutral)
     path = export_saved_model(model, args.out, args.name, args.version, control=control, feedback=feedback, overwrite=args.overwrite)
@@ -139,9 +140,6 @@ def cmd_serve(args):
 
 
 def cmd_adapt(args):
-    import urllib.error
-    import urllib.request
-
     body = {"examples": json.loads(Path(args.examples).read_text()), "steps": args.steps,
             "learning_rate": args.learning_rate, "max_loss_increase": args.max_loss_increase}
     if args.heldout:
@@ -166,29 +164,29 @@ def cmd_models(args):
     print("\nAlso: any KerasHub preset name (needs network), a local Hugging Face folder, or a Llama .gguf file.")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="kbi", description="Steer and fine-tune pretrained KerasHub transformers with bias injection.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _run_options(p):
+    p.add_argument("--out", required=True, help="run folder: report.json, plots, logs, checkpoints, adapter")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.epochs=3 (repeatable)")
+    p.add_argument("--methods", help="comma-separated methods to run, e.g. base,bias_injection")
+    p.add_argument("--strategy", choices=list(STRATEGIES), default="default",
+                   help="devices to train on: one (default), all local GPUs (mirrored), every worker in $TF_CONFIG "
+                        "(multi-worker; run the same command on each), or a TPU ($TPU_NAME). "
+                        "train.batch_size is the global batch")
 
-    def run_options(p):
-        p.add_argument("--out", required=True, help="run folder: report.json, plots, logs, checkpoints, adapter")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.epochs=3 (repeatable)")
-        p.add_argument("--methods", help="comma-separated methods to run, e.g. base,bias_injection")
-        p.add_argument("--strategy", choices=list(STRATEGIES), default="default",
-                       help="devices to train on: one (default), all local GPUs (mirrored), every worker in $TF_CONFIG "
-                            "(multi-worker; run the same command on each), or a TPU ($TPU_NAME). "
-                            "train.batch_size is the global batch")
 
+def _add_training_commands(sub):
     p = sub.add_parser("finetune", help="run a recipe: bias injection against the control groups")
     p.add_argument("recipe", help="a recipe file (.toml/.yaml) or a built-in recipe name")
-    run_options(p)
+    _run_options(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("demo", help="the main job: MiniLM on Fine Food reviews, bias injection against the control groups")
-    run_options(p)
+    _run_options(p)
     p.add_argument("--full", action="store_true", help="also run full fine-tuning (slow)")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_model_commands(sub):
     p = sub.add_parser("evaluate", help="evaluate a finished run's adapter at one or more controls")
     p.add_argument("run", help="a run folder written by `kbi finetune` / `kbi demo`")
     p.add_argument("--control", action="append",
@@ -203,6 +201,8 @@ def build_parser():
     p.add_argument("--max-length", type=int, default=64, help="total tokens, prompt included (default 64)")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_serving_commands(sub):
     p = sub.add_parser("export", help="export a run (or a .keras model) as a SavedModel for TF Serving, optionally ONNX")
     p.add_argument("source", help="a run folder written by `kbi finetune`, or a .keras file")
     p.add_argument("--out", required=True, help="TF Serving's model base path; the export goes to OUT/NAME/VERSION")
@@ -237,6 +237,14 @@ def build_parser():
 
     p = sub.add_parser("models", help="list the models that can be loaded here")
     p.set_defaults(func=cmd_models)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="kbi", description="Steer and fine-tune pretrained KerasHub transformers with bias injection.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_training_commands(sub)
+    _add_model_commands(sub)
+    _add_serving_commands(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
+import keras_hub
 import tensorflow as tf
 
 from keras_biasinject.layers.checks import check_positive_int
@@ -129,8 +130,6 @@ def make_dataset(config, preprocessor, split=None):
         preprocessor: a `keras_hub.models.TextClassifierPreprocessor` or `CausalLMPreprocessor`.
         split: the TFDS split ("train", "test", "train[:10%]"); None means "train". Files have none.
     """
-    import keras_hub  # imported here: 3 s, and only needed once a preprocessor exists
-
     if isinstance(preprocessor, keras_hub.models.TextClassifierPreprocessor):
         causal = False
         if config.label_column is None or config.text_column is None:
@@ -292,9 +291,10 @@ def _read_jsonl(path):
 
 
 def _read_tfds(name, split):
+    # Lazy: tensorflow_datasets takes seconds to import, and files (CSV, JSONL) never need it.
     import tensorflow_datasets as tfds
 
-    from keras_biasinject.data.builders import BUILDERS, prepared_builder
+    from keras_biasinject.data.builders import BUILDERS, prepared_builder  # imports tensorflow_datasets too
 
     if name in BUILDERS:
         builder = prepared_builder(name)
@@ -322,7 +322,7 @@ def _read_tfds(name, split):
 
 
 def _tfds_decoder(feature):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy, as in _read_tfds
 
     if isinstance(feature, tfds.features.ClassLabel) and feature.names:
         return lambda v: feature.int2str(int(v))

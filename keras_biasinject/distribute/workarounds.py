@@ -23,6 +23,7 @@ the patched branches; MirroredStrategy reaches only the first, which builds the 
 import contextlib
 import inspect
 
+import tensorflow as tf
 from keras.src import tree
 from keras.src.backend.tensorflow import trainer as tf_trainer
 
@@ -50,8 +51,6 @@ def needs_fix_72388():
 
 def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     # Keras' own method with the reduction made leaf by leaf (keras-team/keras#20329).
-    import tensorflow as tf
-
     if self._distribute_strategy is None:
         return
     if iterator is not None:

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
 # Quantization types this converter dequantizes (all tested); others raise.
 SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
@@ -101,8 +102,6 @@ def convert_gguf(gguf_path, out_dir):
     weights = {}
     for hf_name, tensor, unpermute_heads in plan:
         weights[hf_name] = _dequantize(tensor, unpermute_heads, gguf)
-    from safetensors.numpy import save_file
-
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     del weights
     _write_json(out_dir / "tokenizer.json", tokenizer)
@@ -258,8 +257,8 @@ def _dequantize(tensor, unpermute_heads, gguf):
     return w
 
 
-def _tokenizer_files(meta, config):
-    """(tokenizer.json, tokenizer_config.json) contents for a byte-level BPE vocabulary."""
+def _bpe_vocabulary(meta):
+    """(tokens, merges, token types, pre-tokenizer name) of a byte-level BPE vocabulary, checked."""
     kind = meta.require("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(
@@ -268,16 +267,21 @@ def _tokenizer_files(meta, config):
             "vocabularies need the original tokenizer.model."
         )
     tokens = meta.require("tokenizer.ggml.tokens")
-    merges = meta.require("tokenizer.ggml.merges")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _PRE_TOKENIZERS:
         warnings.warn(
             f"{meta.path.name}: tokenizer.ggml.pre={pre!r} is not one this converter knows "
             f"({sorted(_PRE_TOKENIZERS)}); using GPT-2's pre-tokenizer, so transformers may split some "
             "text differently from llama.cpp. KerasHub's tokenizer always splits like GPT-2.",
-            stacklevel=3,
+            stacklevel=4,
         )
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    return tokens, meta.require("tokenizer.ggml.merges"), types, pre
+
+
+def _tokenizer_files(meta, config):
+    """(tokenizer.json, tokenizer_config.json) contents for a byte-level BPE vocabulary."""
+    tokens, merges, types, pre = _bpe_vocabulary(meta)
 
     def token(key):
         index = meta.get(key)
@@ -324,10 +328,8 @@ def _tokenizer_files(meta, config):
         "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
         "model_max_length": config["max_position_embeddings"],
+        "chat_template": meta.get("tokenizer.chat_template") or None,
     }
-    template = meta.get("tokenizer.chat_template")
-    if template:
-        tokenizer_config["chat_template"] = template
     return tokenizer, {k: v for k, v in tokenizer_config.items() if v is not None}
 
 

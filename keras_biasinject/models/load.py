@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+import keras_hub
+
 from keras_biasinject.layers.checks import check_positive_int
 from keras_biasinject.models.gguf_cache import converted_gguf
 from keras_biasinject.models.registry import BUILTIN_MODELS, builtin_preset
@@ -60,8 +62,6 @@ def load(spec, task=None, *, num_classes=None, sequence_length=None, dtype=None,
         backbone_kwargs["dtype"] = dtype
     if hf_config.get("model_type") in _RMS_EPS_IGNORED and "rms_norm_eps" in hf_config:
         backbone_kwargs.setdefault("layer_norm_epsilon", hf_config["rms_norm_eps"])
-
-    import keras_hub
 
     backbone = keras_hub.models.Backbone.from_preset(preset, **backbone_kwargs)
     if task is None:
@@ -160,8 +160,6 @@ def _tokenizer_fixes(preset, hf_config):
 
 def _task_class(base, backbone, spec, task):
     """The KerasHub `base` subclass (e.g. `Llama3CausalLM`) made for `type(backbone)`."""
-    import keras_hub
-
     matches = [
         cls
         for cls in vars(keras_hub.models).values()

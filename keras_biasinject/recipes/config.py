@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import yaml
+
 from keras_biasinject.layers.checks import check_positive_int, check_positive_number
 from keras_biasinject.rewrite.config import InjectionConfig
 
@@ -161,8 +163,6 @@ def _read(path):
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"recipe: {str(path)!r} is not valid TOML: {error}.") from None
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:

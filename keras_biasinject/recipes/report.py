@@ -15,7 +15,7 @@ def results_table(report):
 
 def write_plots(report, out_dir):
     """`curves.png`: training and validation loss per method; `steering.png` when the report has one."""
-    import matplotlib
+    import matplotlib  # lazy: only plots need it (half a second to import)
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt

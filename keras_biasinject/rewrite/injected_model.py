@@ -19,10 +19,12 @@ object to a subclass made once per class, `Injected<Class>`, which adds:
 import math
 
 import keras
+import keras_hub
 import numpy as np
 from keras import ops
 
 from keras_biasinject.layers.control import control_scope, current_control
+from keras_biasinject.rewrite.config import InjectionConfig
 from keras_biasinject.rewrite.kerashub import with_tied_embeddings
 
 REGISTERED_NAME = "InjectedModel"
@@ -115,8 +117,7 @@ class InjectedModel:
 
     @classmethod
     def from_config(cls, config):
-        from keras_biasinject.rewrite.config import InjectionConfig
-        from keras_biasinject.rewrite.inject import inject
+        from keras_biasinject.rewrite.inject import inject  # a real cycle: inject imports this module
 
         base_class = keras.saving.get_registered_object(config["base_class"])
         if base_class is None:
@@ -180,8 +181,6 @@ def injected_class(base_class):
     if issubclass(base_class, InjectedModel):
         return base_class
     if base_class not in _classes:
-        import keras_hub
-
         mixin = InjectedCausalLM if issubclass(base_class, keras_hub.models.CausalLM) else InjectedModel
         attrs = {"__module__": __name__, "_base_class": base_class}
         cls = type(f"Injected{base_class.__name__}", (mixin, base_class), attrs)

@@ -3,11 +3,11 @@ KerasHub 0.32 omission repaired) and its preprocessor set aside for a while."""
 
 import contextlib
 
+import keras_hub
+
 
 def backbone_of(model, owner="inject"):
     """The `keras_hub.models.Backbone` of `model` (a Backbone, or a Task that holds one)."""
-    import keras_hub
-
     if isinstance(model, keras_hub.models.Backbone):
         return model
     if isinstance(model, keras_hub.models.Task) and isinstance(getattr(model, "backbone", None), keras_hub.models.Backbone):
