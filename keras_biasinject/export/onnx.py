@@ -1,5 +1,6 @@
 """`export_onnx`: an encoder classifier as an ONNX file, through `tf2onnx` (optional extra `onnx`)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,10 +19,8 @@ def export_onnx(model, path, *, opset=17, control=None, overwrite=False):
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"export_onnx: {str(path)!r} exists. Pass overwrite=True to replace it.")
-    try:
-        import tf2onnx  # noqa: F401
-    except ImportError:
-        raise ImportError("export_onnx needs tf2onnx: pip install 'keras-biasinject[onnx]'.") from None
+    if importlib.util.find_spec("tf2onnx") is None:  # the conversion runs in a subprocess: no import here
+        raise ImportError("export_onnx needs tf2onnx: pip install 'keras-biasinject[onnx]'.")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.partial-") as tmp:
         saved = export_saved_model(model, tmp, "model", 1, control=control)
