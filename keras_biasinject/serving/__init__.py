@@ -1,1 +1,9 @@
-"""Serving an export with per-session, decaying feedback state (TensorFlow only)."""
+"""Serving an export with per-session, decaying feedback state (TensorFlow only).
+
+- `app.py`: `create_app` / `serve`, and `SessionServer`, which answers TF Serving's REST routes
+  plus sessions and `:adapt`.
+- `rest.py`: request bodies checked and turned into tensors; `Limits`, `BadRequest`.
+- `models.py`: `LoadedExport` (a loaded SavedModel version), `AdaptableModel` (the Keras model behind it).
+- `store.py`: session stores (`SQLiteStore`).
+- `adapt.py`: `guarded_adapt`, the self-tuning steps kept only if the held-out loss holds.
+"""

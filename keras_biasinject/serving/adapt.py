@@ -1,13 +1,18 @@
 """Guarded online self-tuning: a few adapter-only steps on feedback examples, kept only if the
 held-out loss did not get worse by more than a threshold; otherwise every weight is rolled back.
 
-The base weights never change (checked bit for bit after the steps, as in every recipe run).
+The base weights never change (checked bit for bit after the steps with `FrozenSnapshot`, as in
+every recipe run).
 """
 
 import dataclasses
 
 import keras
 import numpy as np
+
+from keras_biasinject.rewrite.frozen import FrozenSnapshot
+from keras_biasinject.rewrite.injected_model import InjectedModel
+from keras_biasinject.rewrite.kerashub import preprocessor_detached
 
 
 @dataclasses.dataclass
@@ -23,6 +28,7 @@ class AdaptResult:
 
 
 def _arrays(batch, what):
+    """(inputs, labels, sample weights or None) of a JSON batch: named inputs plus `labels`."""
     if not isinstance(batch, dict) or "labels" not in batch:
         raise ValueError(f"{what} must be an object of named inputs plus `labels`. Got keys {sorted(batch) if isinstance(batch, dict) else batch!r}.")
     x = {k: np.asarray(v) for k, v in batch.items() if k not in ("labels", "sample_weight")}
@@ -37,11 +43,7 @@ def _arrays(batch, what):
     return x, y, w
 
 
-def guarded_adapt(model, examples, heldout, *, steps=10, learning_rate=1e-3, max_loss_increase=0.0, max_steps=100):
-    """Trains `model`'s adapters on `examples` for `steps` full-batch steps; keeps the result only if
-    the loss on `heldout` rose by at most `max_loss_increase` (relative). Returns an `AdaptResult`."""
-    from keras_biasinject.rewrite.injected_model import InjectedModel
-
+def _check_settings(model, steps, learning_rate, max_loss_increase, max_steps):
     if not isinstance(model, InjectedModel):
         raise ValueError("adapt: the model has no adapters; self-tuning trains only adapter weights.")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= max_steps:
@@ -49,23 +51,27 @@ def guarded_adapt(model, examples, heldout, *, steps=10, learning_rate=1e-3, max
     for name, value in (("learning_rate", learning_rate), ("max_loss_increase", max_loss_increase)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
             raise ValueError(f"adapt: `{name}` must be a non-negative finite number (learning_rate > 0). Got {name}={value!r}.")
+
+
+def guarded_adapt(model, examples, heldout, *, steps=10, learning_rate=1e-3, max_loss_increase=0.0, max_steps=100):
+    """Trains `model`'s adapters on `examples` for `steps` full-batch steps; keeps the result only if
+    the loss on `heldout` rose by at most `max_loss_increase` (relative). Returns an `AdaptResult`.
+
+    Every argument is checked (ValueError) before the model is touched."""
+    _check_settings(model, steps, learning_rate, max_loss_increase, max_steps)
     x, y, w = _arrays(examples, "examples")
     hx, hy, hw = _arrays(heldout, "heldout")
 
-    frozen = {id(v): np.array(keras.ops.convert_to_numpy(v)) for v in model.weights if not v.trainable}
+    frozen = FrozenSnapshot(model)
     saved = [np.array(keras.ops.convert_to_numpy(v)) for v in model.trainable_weights]
-    preprocessor = getattr(model, "preprocessor", None)
-    if preprocessor is not None:
-        model.preprocessor = None  # the examples are token ids already
-    try:
+    with preprocessor_detached(model):  # the examples are token ids already
         model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=None)
         before = model.evaluate(hx, hy, sample_weight=hw, batch_size=len(hy), verbose=0, return_dict=True)["loss"]
         model.fit(x, y, sample_weight=w, batch_size=len(y), epochs=steps, verbose=0, shuffle=False)
         after = model.evaluate(hx, hy, sample_weight=hw, batch_size=len(hy), verbose=0, return_dict=True)["loss"]
         before, after = float(before), float(after)
-        changed = any(not np.array_equal(keras.ops.convert_to_numpy(v), frozen[id(v)]) for v in model.weights if id(v) in frozen)
-        if changed:
+        if frozen.changed(model):
             reason = "a frozen base weight changed; this is a bug, please report it"
         elif not np.isfinite(after):
             reason = f"the held-out loss became {after}"
@@ -76,6 +82,3 @@ def guarded_adapt(model, examples, heldout, *, steps=10, learning_rate=1e-3, max
         for variable, value in zip(model.trainable_weights, saved):  # roll back, bit for bit
             variable.assign(value)
         return AdaptResult(False, before, after, steps, f"rolled back: {reason}")
-    finally:
-        if preprocessor is not None:
-            model.preprocessor = preprocessor

@@ -14,355 +14,248 @@ Guarded self-tuning (needs `--source`, the run folder or .keras file behind the 
   "learning_rate", "max_loss_increase"}` -> a new version if the held-out loss did not worsen
   beyond the threshold (409 with the reason, and the weights rolled back, otherwise).
 Every bad request gets a 4xx with `{"error": message}`; the server never answers 500 to bad input.
+
+`SessionServer` answers them, one method per route. Beside it: `rest.py` (request bodies checked,
+`Limits`, `BadRequest`), `models.py` (`LoadedExport`, `AdaptableModel`), `store.py` (session
+states) and `adapt.py` (the guarded training steps).
 """
 
-import dataclasses
 import json
-import math
-import threading
 import time
-from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from keras_biasinject.export.saved_model import export_saved_model
+from keras_biasinject.serving.adapt import guarded_adapt
+from keras_biasinject.serving.models import AdaptableModel, LoadedExport, find_version
+from keras_biasinject.serving.rest import (
+    BadRequest, Limits, feedback_values, finite_number, input_columns, predict_answer, signature_tensors,
+)
 from keras_biasinject.serving.store import SessionLimitError, SQLiteStore
 
-
-@dataclasses.dataclass
-class Limits:
-    max_body_bytes: int = 1 << 20  # request bodies above this get 413
-    max_batch: int = 64  # examples per predict request
-    max_sequence: int = 1024  # tokens per example
-    max_sessions: int = 100_000  # sessions the store may hold
+__all__ = ["BadRequest", "Limits", "SessionServer", "create_app", "find_version", "serve"]
 
 
-class BadRequest(Exception):
-    def __init__(self, message, status=400):
-        super().__init__(message)
-        self.status = status
+def error_response(error):
+    """A `BadRequest` as its JSON answer."""
+    return JSONResponse({"error": str(error)}, error.status)
 
 
-def find_version(export_dir):
-    """(model name, version, folder): `<base>/<name>` (highest version) or `<base>/<name>/<version>`."""
-    path = Path(export_dir)
-    if (path / "saved_model.pb").is_file() and path.name.isdigit():
-        return path.parent.name, int(path.name), path
-    versions = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()) if path.is_dir() else []
-    if not versions:
-        raise FileNotFoundError(
-            f"serve: {str(export_dir)!r} holds no version folder (<name>/<version>/saved_model.pb). "
-            "Make one with `kbi export RUN --out BASE --name NAME` and serve BASE/NAME."
-        )
-    return path.name, versions[-1], path / str(versions[-1])
-
-
-class Model:
-    """A loaded export: its signatures and their input specs."""
-
-    def __init__(self, export_dir):
-        self.name, self.version, self.path = find_version(export_dir)
-        self.loaded = tf.saved_model.load(str(self.path))
-        self.signatures = dict(self.loaded.signatures)
-        self.specs = {name: fn.structured_input_signature[1] for name, fn in self.signatures.items()}
-        feedback = self.specs.get("feedback_step")
-        self.control_dim = int(feedback["state"].shape[-1]) if feedback else None
-        self.feedback_dim = int(feedback["feedback"].shape[-1]) if feedback else None
-
-    def feedback_step(self, state, feedback, elapsed):
-        out = self.signatures["feedback_step"](
-            state=tf.constant([state], tf.float32), feedback=tf.constant([feedback], tf.float32),
-            elapsed=tf.constant([elapsed], tf.float32),
-        )
-        return out["new_state"].numpy()[0].tolist(), out["control"].numpy()[0].tolist()
-
-    def metadata(self):
-        def describe(specs):
-            return {k: {"dtype": s.dtype.name, "shape": [-1 if d is None else d for d in s.shape]} for k, s in specs.items()}
-
-        return {
-            "model_spec": {"name": self.name, "version": str(self.version)},
-            "metadata": {"signature_def": {
-                name: {"inputs": describe(self.specs[name]),
-                       "outputs": describe(fn.structured_outputs)}
-                for name, fn in self.signatures.items()
-            }},
-        }
-
-
-def _number(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRequest(f"{what} must be a finite number. Got {value!r}.")
-    return float(value)
-
-
-def _columns(body, specs):
-    """Request body -> ({input name: list}, row format?)."""
-    if "instances" in body:
-        rows = body["instances"]
-        if not isinstance(rows, list) or not rows:
-            raise BadRequest("`instances` must be a non-empty list.")
-        if len(specs) == 1 and not isinstance(rows[0], dict):
-            return {next(iter(specs)): rows}, True
-        if not all(isinstance(r, dict) for r in rows):
-            raise BadRequest("each instance must be an object of named inputs.")
-        keys = set(rows[0])
-        if any(set(r) != keys for r in rows):
-            raise BadRequest("all instances must have the same inputs.")
-        return {k: [r[k] for r in rows] for k in keys}, True
-    if "inputs" in body:
-        inputs = body["inputs"]
-        if len(specs) == 1 and not isinstance(inputs, dict):
-            return {next(iter(specs)): inputs}, False
-        if not isinstance(inputs, dict):
-            raise BadRequest("`inputs` must be an object of named, batched inputs.")
-        return dict(inputs), False
-    raise BadRequest("the body needs `instances` (rows) or `inputs` (columns), as in TF Serving's predict API.")
-
-
-def _tensor(name, value, spec, limits):
+def answer(work, *args):
+    """`work(*args)` as a JSON answer, or its `BadRequest` as one (for routes that read no body)."""
     try:
-        array = np.asarray(value, dtype=object if spec.dtype == tf.string else spec.dtype.as_numpy_dtype)
-    except (ValueError, TypeError):
-        raise BadRequest(f"input {name!r}: values must be {spec.dtype.name} in a rectangular array (rows of equal length).") from None
-    if array.ndim != len(spec.shape) or any(d is not None and d != a for d, a in zip(spec.shape, array.shape)):
-        want = [-1 if d is None else d for d in spec.shape]
-        raise BadRequest(f"input {name!r}: shape {list(array.shape)} does not fit {want} (-1: any).")
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        raise BadRequest(f"input {name!r}: NaN or infinite values.")
-    if array.ndim >= 1 and array.shape[0] > limits.max_batch:
-        raise BadRequest(f"input {name!r}: batch {array.shape[0]} is over the limit of {limits.max_batch}.")
-    if array.ndim >= 2 and spec.dtype.is_integer and array.shape[1] > limits.max_sequence:
-        raise BadRequest(f"input {name!r}: sequence length {array.shape[1]} is over the limit of {limits.max_sequence}.")
-    return tf.constant(array, spec.dtype)
+        return JSONResponse(work(*args))
+    except BadRequest as error:
+        return error_response(error)
 
 
-def _load_feedback(version_dir):
-    import keras
+class SessionServer:
+    """What the routes share, and one method per route: the served `LoadedExport`, the session
+    store, the limits, the clock and, with `--source`, the `AdaptableModel` behind `:adapt`."""
 
-    path = Path(version_dir) / "assets.extra" / "keras_biasinject.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())["feedback"]
-    layer = keras.saving.deserialize_keras_object(data["config"])
-    if not layer.built:
-        layer.build()
-    layer.set_weights([np.asarray(w, "float32") for w in data["weights"]])
-    return layer
+    def __init__(self, export, store, limits, clock, adaptable=None):
+        self.export = export  # swapped whole when `:adapt` publishes a version; requests in flight keep theirs
+        self.store = store  # a `SessionStore`: per session, the state after its last update, and when
+        self.limits = limits  # a `Limits`
+        self.clock = clock  # () -> seconds: the time of a request that sends no timestamp
+        self.adaptable = adaptable  # an `AdaptableModel`, or None: `:adapt` answers 400
 
+    def routes(self):
+        return [
+            Route("/v1/models/{name}/metadata", self.metadata_route, methods=["GET"]),
+            Route("/v1/models/{name}", self.model_route, methods=["GET", "POST"]),
+            Route("/v1/sessions/{id}/feedback", self.feedback_route, methods=["POST"]),
+            Route("/v1/sessions/{id}", self.session_route, methods=["GET"]),
+        ]
 
-class Tuner:
-    """The Keras model behind the export, for `:adapt`; one adapt at a time."""
+    # The guards, and the one session step.
 
-    def __init__(self, source):
-        self.source, self.model, self.heldout = source, None, None
-        self.lock = threading.Lock()
+    def export_named(self, name):
+        """The served export if it is called `name`; a 404 otherwise."""
+        export = self.export
+        if name != export.name:
+            raise BadRequest(f"no model {name!r} here; this server serves {export.name!r}.", 404)
+        return export
 
-    def keras_model(self):
-        if self.model is None:
-            source = Path(self.source)
-            if source.is_dir() and (source / "report.json").is_file():
-                from keras_biasinject.recipes.evaluate import load_run_model
+    def export_with_sessions(self, export=None):
+        """`export` (default: the served one) if it keeps sessions (has `feedback_step`); a 400 otherwise."""
+        export = export or self.export
+        if export.control_dim is None:
+            raise BadRequest("this export has no feedback_step signature, so it keeps no sessions. "
+                             "Export with `kbi export ... --feedback-half-life SECONDS`.")
+        return export
 
-                _, self.model = load_run_model(source)
-            else:
-                import keras
+    @staticmethod
+    def decay(export, session_id, current, at, feedback=None):
+        """(state, control) of a session decayed to time `at`, then given `feedback` (default: none).
 
-                import keras_biasinject  # noqa: F401  (registers the injected model class)
+        `current` is what the store holds for it, (state, updated_at, updates), or None: a new session
+        starts at the neutral state, at `at`. A time before its last update is a 400."""
+        state, updated_at = (current[0], current[1]) if current else ([0.0] * export.control_dim, at)
+        if at < updated_at:
+            raise BadRequest(f"timestamp {at} is before session {session_id!r}'s last update at {updated_at}.")
+        if feedback is None:
+            feedback = [0.0] * export.feedback_dim
+        return export.feedback_step(state, feedback, at - updated_at)
 
-                self.model = keras.models.load_model(source)
-        return self.model
+    # What each route does, given its body (run in a worker thread); each returns the JSON answer.
 
+    def status(self, name):
+        export = self.export_named(name)
+        return {"model_version_status": [
+            {"version": str(export.version), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
 
-def create_app(export_dir, store_path, limits=None, clock=time.time, source=None):
-    holder = {"model": Model(export_dir)}  # swapped whole when a new version is published
-    store = SQLiteStore(store_path)
-    limits = limits or Limits()
-    tuner = None if source is None else Tuner(source)
+    def metadata(self, name):
+        return self.export_named(name).metadata()
 
-    def adapt(name, body):
-        from keras_biasinject.export.saved_model import export_saved_model
-        from keras_biasinject.serving.adapt import guarded_adapt
+    def predict(self, name, body):
+        export = self.export_named(name)
+        signature = body.get("signature_name", "serve")
+        if signature not in export.signatures or signature == "feedback_step":
+            raise BadRequest(f"unknown signature_name {signature!r}; choose from {sorted(set(export.signatures) - {'feedback_step'})}.")
+        specs = export.specs[signature]
+        columns, rows = input_columns(body, specs)
+        if "session" in body and "control" in specs and "control" not in columns:
+            at = finite_number(body.get("timestamp", self.clock()), "timestamp")
+            session_id = str(body["session"])
+            sessions = self.export_with_sessions(export)
+            _, control = self.decay(sessions, session_id, self.store.get(session_id), at)
+            columns["control"] = [control] * len(next(iter(columns.values())))
+        tensors = signature_tensors(signature, specs, columns, self.limits)
+        try:
+            outputs = {k: v.numpy().tolist() for k, v in export.signatures[signature](**tensors).items()}
+        except (tf.errors.InvalidArgumentError, ValueError) as error:
+            raise BadRequest(f"the model refused the inputs: {str(error).splitlines()[0][:300]}") from None
+        return predict_answer(outputs, rows)
 
-        current = holder["model"]
-        if name != current.name:
-            raise BadRequest(f"no model {name!r} here; this server serves {current.name!r}.", 404)
-        if tuner is None:
+    def adapt(self, name, body):
+        export = self.export_named(name)
+        adaptable = self.adaptable
+        if adaptable is None:
             raise BadRequest("self-tuning needs the Keras model: start the server with `kbi serve ... --source RUN_OR_KERAS`.")
         if "examples" not in body:
             raise BadRequest("the body needs `examples` (inputs plus `labels`), and `heldout` the first time.")
-        with tuner.lock:
-            heldout = body.get("heldout", tuner.heldout)
+        with adaptable.lock:
+            heldout = body.get("heldout", adaptable.heldout)
             if heldout is None:
                 raise BadRequest("no held-out set yet: send `heldout` (inputs plus `labels`) with the first adapt.")
             try:
-                result = guarded_adapt(tuner.keras_model(), body["examples"], heldout, steps=body.get("steps", 10),
+                result = guarded_adapt(adaptable.keras_model(), body["examples"], heldout, steps=body.get("steps", 10),
                                        learning_rate=body.get("learning_rate", 1e-3),
                                        max_loss_increase=body.get("max_loss_increase", 0.0))
-            except (ValueError, TypeError) as error:
+            except (ValueError, TypeError, FileNotFoundError) as error:  # FileNotFoundError: a bad --source
                 raise BadRequest(str(error)) from None
-            tuner.heldout = heldout
-            answer = result.to_dict()
+            adaptable.heldout = heldout
+            result_dict = result.to_dict()
             if not result.accepted:
-                raise BadRequest(json.dumps(answer), 409)
-            path = export_saved_model(tuner.keras_model(), current.path.parent.parent, current.name,
-                                      feedback=_load_feedback(current.path))
-            holder["model"] = Model(path)  # atomic swap: requests in flight keep the old one
-            return {**answer, "version": holder["model"].version}
+                raise BadRequest(json.dumps(result_dict), 409)
+            path = export_saved_model(adaptable.keras_model(), export.path.parent.parent, export.name,
+                                      feedback=export.feedback_layer())
+            self.export = LoadedExport(path)  # atomic swap: requests in flight keep the old one
+            return {**result_dict, "version": self.export.version}
 
-    def session_control(session_id, at, model=None):
-        model = model or holder["model"]
-        if model.control_dim is None:
-            raise BadRequest("this export has no feedback_step signature, so it keeps no sessions. "
-                             "Export with `kbi export ... --feedback-half-life SECONDS`.")
-        current = store.get(session_id)
-        state, updated_at = (current[0], current[1]) if current else ([0.0] * model.control_dim, at)
-        if at < updated_at:
-            raise BadRequest(f"timestamp {at} is before session {session_id!r}'s last update at {updated_at}.")
-        state, control = model.feedback_step(state, [0.0] * model.feedback_dim, at - updated_at)
-        return current, state, control
-
-    def predict(name, body):
-        model = holder["model"]
-        if name != model.name:
-            raise BadRequest(f"no model {name!r} here; this server serves {model.name!r}.", 404)
-        signature = body.get("signature_name", "serve")
-        if signature not in model.signatures or signature == "feedback_step":
-            raise BadRequest(f"unknown signature_name {signature!r}; choose from {sorted(set(model.signatures) - {'feedback_step'})}.")
-        specs = model.specs[signature]
-        columns, rows = _columns(body, specs)
-        if "session" in body and "control" in specs and "control" not in columns:
-            at = _number(body.get("timestamp", clock()), "timestamp")
-            _, _, control = session_control(str(body["session"]), at, model)
-            batch = len(next(iter(columns.values())))
-            columns["control"] = [control] * batch
-        unknown = sorted(set(columns) - set(specs))
-        missing = sorted(set(specs) - set(columns))
-        if unknown or missing:
-            raise BadRequest(f"signature {signature!r} takes inputs {sorted(specs)}; missing {missing}, unknown {unknown}.")
-        tensors = {k: _tensor(k, columns[k], specs[k], limits) for k in specs}
-        batches = {int(t.shape[0]) for t in tensors.values() if t.shape.rank}
-        if len(batches) > 1:
-            raise BadRequest(f"inputs disagree on the batch size: {sorted(batches)}.")
-        token_shapes = {k: t.shape.as_list() for k, t in tensors.items() if t.dtype.is_integer and t.shape.rank >= 2}
-        if len({tuple(v) for v in token_shapes.values()}) > 1:  # the model would broadcast them silently
-            raise BadRequest(f"token inputs disagree on their shapes: {token_shapes}.")
-        try:
-            outputs = {k: v.numpy().tolist() for k, v in model.signatures[signature](**tensors).items()}
-        except (tf.errors.InvalidArgumentError, ValueError) as error:
-            raise BadRequest(f"the model refused the inputs: {str(error).splitlines()[0][:300]}") from None
-        if rows:
-            keys = sorted(outputs)
-            n = len(outputs[keys[0]])
-            predictions = [outputs[keys[0]][i] if len(keys) == 1 else {k: outputs[k][i] for k in keys} for i in range(n)]
-            return {"predictions": predictions}
-        return {"outputs": outputs if len(outputs) > 1 else next(iter(outputs.values()))}
-
-    def feedback(session_id, body):
-        model = holder["model"]
-        if model.control_dim is None:
-            session_control(session_id, 0.0)  # raises the no-sessions error
-        if "feedback" in body:
-            values = body["feedback"]
-            if not isinstance(values, list) or len(values) != model.feedback_dim:
-                raise BadRequest(f"`feedback` must be a list of {model.feedback_dim} numbers. Got {values!r}.")
-            values = [_number(v, "each feedback value") for v in values]
-        elif "rating" in body:
-            if model.feedback_dim != 1:
-                raise BadRequest(f"`rating` is one number; this export takes feedback of width {model.feedback_dim}: send `feedback`.")
-            values = [_number(body["rating"], "`rating`")]
-        else:
-            raise BadRequest("the body needs `feedback` (a list) or `rating` (a number).")
-        at = _number(body.get("timestamp", clock()), "`timestamp`")
+    def feedback(self, session_id, body):
+        export = self.export_with_sessions()
+        values = feedback_values(body, export.feedback_dim)
+        at = finite_number(body.get("timestamp", self.clock()), "`timestamp`")
 
         def apply(current):
-            state, updated_at = (current[0], current[1]) if current else ([0.0] * model.control_dim, at)
-            if at < updated_at:
-                raise BadRequest(f"timestamp {at} is before session {session_id!r}'s last update at {updated_at}.")
-            new_state, _ = model.feedback_step(state, values, at - updated_at)
+            new_state, _ = self.decay(export, session_id, current, at, values)
             return new_state, at
 
         try:
-            state, updated_at, updates = store.update(session_id, apply, limits.max_sessions)
+            stored = self.store.update(session_id, apply, self.limits.max_sessions)
         except SessionLimitError as error:
             raise BadRequest(str(error), 429) from None
-        _, _, control = session_control(session_id, updated_at, model)
+        state, updated_at, updates = stored
+        _, control = self.decay(export, session_id, stored, updated_at)
         return {"session": session_id, "state": state, "control": control, "updated_at": updated_at, "updates": updates}
 
-    def show(session_id, at):
-        current, state, control = session_control(session_id, at)
+    def show(self, session_id, at):
+        export = self.export_with_sessions()
+        current = self.store.get(session_id)
         if current is None:
             raise BadRequest(f"no session {session_id!r}; it starts with its first feedback.", 404)
+        state, control = self.decay(export, session_id, current, at)
         return {"session": session_id, "state": state, "control": control, "updated_at": current[1],
                 "updates": current[2], "at": at}
 
-    async def handle(request, work):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            return JSONResponse({"error": f"request body over {limits.max_body_bytes} bytes"}, 413)
-        body = {}
-        if request.method == "POST":
-            raw = await request.body()
-            if len(raw) > limits.max_body_bytes:
-                return JSONResponse({"error": f"request body over {limits.max_body_bytes} bytes"}, 413)
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                return JSONResponse({"error": f"malformed JSON: {error}"}, 400)
-            if not isinstance(body, dict):
-                return JSONResponse({"error": "the body must be a JSON object"}, 400)
+    # HTTP: the routes themselves.
+
+    async def model_route(self, request):
+        name, _, verb = request.path_params["name"].partition(":")
+        if request.method == "GET":
+            return answer(self.status, name)
+        if verb == "predict":
+            return await self.handle(request, lambda body: self.predict(name, body))
+        if verb == "adapt":
+            return await self.handle(request, lambda body: self.adapt(name, body))
+        return JSONResponse({"error": f"unknown method {verb!r}; this server answers :predict and :adapt."}, 404)
+
+    async def metadata_route(self, request):
+        return answer(self.metadata, request.path_params["name"])
+
+    async def feedback_route(self, request):
+        return await self.handle(request, lambda body: self.feedback(request.path_params["id"], body))
+
+    async def session_route(self, request):
+        at = request.query_params.get("at")
+        try:
+            when = self.clock() if at is None else finite_number(float(at), "`at`")
+        except (ValueError, BadRequest):
+            return JSONResponse({"error": f"`at` must be a finite number of seconds. Got {at!r}."}, 400)
+        return await self.handle(request, lambda body: self.show(request.path_params["id"], when))
+
+    async def handle(self, request, work):
+        """Answers `work(body)`, run in a worker thread: its result, its `BadRequest` as a 4xx, and any
+        other exception (a bug of ours, not the client's) as a 500 that says so; the server keeps serving."""
+        try:
+            body = await self.json_body(request)
+        except BadRequest as error:
+            return error_response(error)
         try:
             return JSONResponse(await run_in_threadpool(work, body))
         except BadRequest as error:
-            return JSONResponse({"error": str(error)}, error.status)
-        except Exception as error:  # a bug of ours, not the client's: say so, keep serving
+            return error_response(error)
+        except Exception as error:
             return JSONResponse({"error": f"internal error: {type(error).__name__}: {error}"}, 500)
 
-    async def model_route(request):
-        model = holder["model"]
-        name, _, verb = request.path_params["name"].partition(":")
-        if request.method == "POST":
-            if verb == "predict":
-                return await handle(request, lambda body: predict(name, body))
-            if verb == "adapt":
-                return await handle(request, lambda body: adapt(name, body))
-            return JSONResponse({"error": f"unknown method {verb!r}; this server answers :predict and :adapt."}, 404)
-        if name != model.name:
-            return JSONResponse({"error": f"no model {name!r} here; this server serves {model.name!r}."}, 404)
-        return JSONResponse({"model_version_status": [
-            {"version": str(model.version), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
-
-    async def metadata_route(request):
-        model = holder["model"]
-        if request.path_params["name"] != model.name:
-            return JSONResponse({"error": f"no model {request.path_params['name']!r} here."}, 404)
-        return JSONResponse(model.metadata())
-
-    async def feedback_route(request):
-        return await handle(request, lambda body: feedback(request.path_params["id"], body))
-
-    async def session_route(request):
-        at = request.query_params.get("at")
+    async def json_body(self, request):
+        """The request's JSON object ({} for a GET); a 413 over `max_body_bytes`, a 400 if not a JSON object."""
+        limit = self.limits.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise BadRequest(f"request body over {limit} bytes", 413)
+        if request.method != "POST":
+            return {}
+        raw = await request.body()
+        if len(raw) > limit:
+            raise BadRequest(f"request body over {limit} bytes", 413)
         try:
-            when = clock() if at is None else _number(float(at), "`at`")
-        except (ValueError, BadRequest):
-            return JSONResponse({"error": f"`at` must be a finite number of seconds. Got {at!r}."}, 400)
-        return await handle(request, lambda body: show(request.path_params["id"], when))
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BadRequest(f"malformed JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return body
 
-    return Starlette(routes=[
-        Route("/v1/models/{name}/metadata", metadata_route, methods=["GET"]),
-        Route("/v1/models/{name}", model_route, methods=["GET", "POST"]),
-        Route("/v1/sessions/{id}/feedback", feedback_route, methods=["POST"]),
-        Route("/v1/sessions/{id}", session_route, methods=["GET"]),
-    ])
+
+def create_app(export_dir, store_path, limits=None, clock=time.time, source=None):
+    """The Starlette app that serves `export_dir` (`<base>/<name>` or one version folder), with its
+    sessions in the SQLite file `store_path` and, given `source` (the run folder or .keras file behind
+    the export), `:adapt`. `clock` gives the time of requests that send none."""
+    export = LoadedExport(export_dir)
+    store = SQLiteStore(store_path)
+    adaptable = None if source is None else AdaptableModel(source)
+    return Starlette(routes=SessionServer(export, store, limits or Limits(), clock, adaptable).routes())
 
 
 def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, source=None):
     """Runs the server until interrupted (binds loopback unless `host` says otherwise)."""
-    import uvicorn
+    import uvicorn  # lazy: only `serve` runs a server; `create_app` (tests, other ASGI servers) needs no uvicorn
 
     uvicorn.run(create_app(export_dir, store_path, limits, source=source), host=host, port=port, log_level="warning")

@@ -29,6 +29,8 @@ class SessionLimitError(Exception):
 
 
 class SQLiteStore(SessionStore):
+    """The default store: one SQLite file at `path` (WAL mode), one connection per thread."""
+
     def __init__(self, path):
         self.path = str(path)
         self._local = threading.local()
@@ -52,9 +54,6 @@ class SQLiteStore(SessionStore):
             "SELECT state, updated_at, updates FROM sessions WHERE id = ?", (session_id,)
         ).fetchone()
         return None if row is None else (json.loads(row[0]), row[1], row[2])
-
-    def count(self):
-        return self._connect().execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
 
     def update(self, session_id, fn, max_sessions):
         db = self._connect()

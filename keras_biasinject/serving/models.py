@@ -1,0 +1,96 @@
+"""The two models behind the server: `LoadedExport`, one version folder of a SavedModel export,
+loaded, which answers predicts and steps session states; and `AdaptableModel`, the Keras model that
+export was made from (`kbi serve --source`), which `:adapt` trains and exports as the next version.
+"""
+
+import json
+import threading
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def find_version(export_dir):
+    """(model name, version, folder): `<base>/<name>` (highest version) or `<base>/<name>/<version>`."""
+    path = Path(export_dir)
+    if (path / "saved_model.pb").is_file() and path.name.isdigit():
+        return path.parent.name, int(path.name), path
+    versions = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()) if path.is_dir() else []
+    if not versions:
+        raise FileNotFoundError(
+            f"serve: {str(export_dir)!r} holds no version folder (<name>/<version>/saved_model.pb). "
+            "Make one with `kbi export RUN --out BASE --name NAME` and serve BASE/NAME."
+        )
+    return path.name, versions[-1], path / str(versions[-1])
+
+
+class LoadedExport:
+    """One version of a SavedModel export (`<base>/<name>/<version>/`, see `find_version`), loaded
+    with `tf.saved_model.load`: its signatures and their input specs, and the widths its
+    `feedback_step` signature gives sessions (`control_dim`, `feedback_dim`; None without one)."""
+
+    def __init__(self, export_dir):
+        self.name, self.version, self.path = find_version(export_dir)
+        self.loaded = tf.saved_model.load(str(self.path))
+        self.signatures = dict(self.loaded.signatures)
+        self.specs = {name: fn.structured_input_signature[1] for name, fn in self.signatures.items()}
+        feedback = self.specs.get("feedback_step")
+        self.control_dim = int(feedback["state"].shape[-1]) if feedback else None
+        self.feedback_dim = int(feedback["feedback"].shape[-1]) if feedback else None
+
+    def feedback_step(self, state, feedback, elapsed):
+        """(new state, control) after `elapsed` seconds of decay from `state` and then `feedback`."""
+        out = self.signatures["feedback_step"](
+            state=tf.constant([state], tf.float32), feedback=tf.constant([feedback], tf.float32),
+            elapsed=tf.constant([elapsed], tf.float32),
+        )
+        return out["new_state"].numpy()[0].tolist(), out["control"].numpy()[0].tolist()
+
+    def metadata(self):
+        """TF Serving's answer to `GET /v1/models/<name>/metadata`: every signature's inputs and outputs."""
+        def describe(specs):
+            return {k: {"dtype": s.dtype.name, "shape": [-1 if d is None else d for d in s.shape]} for k, s in specs.items()}
+
+        return {
+            "model_spec": {"name": self.name, "version": str(self.version)},
+            "metadata": {"signature_def": {
+                name: {"inputs": describe(self.specs[name]),
+                       "outputs": describe(fn.structured_outputs)}
+                for name, fn in self.signatures.items()
+            }},
+        }
+
+    def feedback_layer(self):
+        """The `DecayFeedback` layer kept beside this version (`assets.extra/keras_biasinject.json`,
+        written by `export_saved_model`), or None; a version published by `:adapt` keeps it."""
+        path = self.path / "assets.extra" / "keras_biasinject.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())["feedback"]
+        layer = keras.saving.deserialize_keras_object(data["config"])
+        if not layer.built:
+            layer.build()
+        layer.set_weights([np.asarray(w, "float32") for w in data["weights"]])
+        return layer
+
+
+class AdaptableModel:
+    """The Keras model an export was made from, which `:adapt` trains: given as a run folder or a
+    .keras file (`kbi serve --source`) and loaded at the first adapt. One adapt at a time (`lock`)."""
+
+    def __init__(self, source):
+        self.source = source  # the run folder (with report.json) or .keras file
+        self.model = None  # the Keras model, once `keras_model()` has loaded it
+        self.heldout = None  # the held-out set of the last adapt; later adapts may leave theirs out
+        self.lock = threading.Lock()
+
+    def keras_model(self):
+        """The Keras model behind `source`, loaded on the first call (FileNotFoundError if it is neither)."""
+        if self.model is None:
+            # lazy: loading a model pulls in keras_hub; the server starts without it
+            from keras_biasinject.recipes.run_folder import load_model_source
+
+            self.model = load_model_source(self.source)
+        return self.model
