@@ -8,9 +8,10 @@
 
 The base weights are sharded by KerasHub's own `LayoutMap` for the backbone (`get_layout_map`:
 Llama, Mistral-style Llama3, Gemma, Qwen...) or by a `LayoutMap` you pass. Adapter weights the map
-does not name get the layout of the kernel they adapt: `A` (the kernel's shape, last axis -> rank)
-is sharded like the kernel's input axes, `B` (`[rank, out]`) like its last axis, the control kernel
-`V` (`[control_dim, *features]`) like its feature axes; the rank and control axes are never sharded.
+does not name get the layout of the kernel they adapt, as each adapter class says
+(`ControlAdapter.weight_layout`): `A` (the kernel's shape, last axis -> rank) is sharded like the
+kernel's input axes, `B` (`[rank, out]`) like its last axis, the control kernel `V`
+(`[control_dim, *features]`) like its feature axes; the rank and control axes are never sharded.
 So `x A B` and `c V` need no more communication than the base projection `x K` does.
 
 Only the JAX backend shards: on TensorFlow (and torch) Keras accepts a `ModelParallel` and then
@@ -19,11 +20,9 @@ instead; for several devices on TensorFlow use
 `make_strategy("mirrored" | "multi-worker" | "tpu")`, which replicates the model.
 """
 
-import re
-
 import keras
 
-ADAPTER_WEIGHT = re.compile(r"^(?P<parent>.*/)?(?P<name>[^/]+)_(?:lora_bias|bias_inject)/(?P<weight>lora_a|lora_b|control_gain|control_kernel)$")
+from keras_biasinject.layers import adapter_weight
 
 
 class AdapterModelParallel(keras.distribution.ModelParallel):
@@ -46,23 +45,15 @@ class AdapterModelParallel(keras.distribution.ModelParallel):
         return layout if list(axes) == list(layout.axes) else keras.distribution.TensorLayout(axes, self.device_mesh)
 
     def _adapter_layout(self, variable):
-        match = ADAPTER_WEIGHT.match(variable.path)
-        if match is None:
+        found = adapter_weight(variable.path)  # (adapter class, weight name, kernel path) or None
+        if found is None:
             return None
-        kernel = self._layout_map[f"{match['parent'] or ''}{match['name']}/kernel"]
+        adapter_class, weight, kernel_path = found
+        kernel = self._layout_map[kernel_path]
         rank = len(variable.shape)
-        axes = [None] * rank
-        if kernel is not None:
-            source = list(kernel.axes)
-            weight = match["weight"]
-            if weight == "lora_a":  # the kernel's shape with its last axis replaced by the rank
-                axes = source[:-1] + [None]
-            elif weight == "lora_b":  # [rank, kernel.shape[-1]]
-                axes = [None, source[-1]]
-            elif weight == "control_kernel":  # [control_dim, *feature axes]: the kernel's trailing axes
-                axes = [None] + source[len(source) - (rank - 1):]
-            if len(axes) != rank:
-                axes = [None] * rank
+        axes = [None] * rank if kernel is None else adapter_class.weight_layout(weight, list(kernel.axes), rank)
+        if len(axes) != rank:
+            axes = [None] * rank
         return self._divisible(keras.distribution.TensorLayout(axes, self.device_mesh), variable.shape)
 
 

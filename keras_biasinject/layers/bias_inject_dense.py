@@ -1,13 +1,20 @@
+"""`BiasInjectDense`: a dense layer with extra input nodes for a control vector.
+
+The control enters only as a bias, `(c - neutral) V`, through weights that start at zero; built
+fresh like `Dense`, or around a built Dense or EinsumDense whose weights it freezes
+(`from_layer`). The cheapest adapter kind: `V` alone trains.
+"""
+
 import keras
 from keras import ops
 
-from keras_biasinject.layers import control as control_lib
+from keras_biasinject.layers.adapter import ControlAdapter
 from keras_biasinject.layers.checks import check_positive_int
-from keras_biasinject.layers.projection import Projection, layer_path
+from keras_biasinject.layers.projection import layer_path
 
 
 @keras.saving.register_keras_serializable(package="keras_biasinject")
-class BiasInjectDense(keras.layers.Layer):
+class BiasInjectDense(ControlAdapter):
     """A dense layer with extra input nodes for a control vector.
 
     `y = activation(x W + b + (c - neutral) V)`, with `V` starting at zero.
@@ -21,6 +28,10 @@ class BiasInjectDense(keras.layers.Layer):
     `BiasInjectDense.from_layer(layer, control_dim)`, which freezes the layer's weights so that only
     `V` trains. For an EinsumDense, `V` covers the output's feature axes, e.g.
     `[control_dim, heads, head_dim]` for an attention query projection.
+
+    `merge(control)` folds `(c - neutral) V` for one fixed control into the bias (or, where the
+    base has no bias over all its output features, keeps it as an offset added on each call);
+    `unmerge()` restores the original bias bit for bit.
 
     Args:
         units: output width of a fresh layer. Leave None when passing `base_layer`.
@@ -44,6 +55,10 @@ class BiasInjectDense(keras.layers.Layer):
     >>> y = layer(x, control=c)                       # (4, 8)
     >>> frozen = BiasInjectDense.from_layer(keras.layers.Dense(8), control_dim=2)  # after build
     """
+
+    kind = "bias"
+    name_suffix = "_bias_inject"
+    weight_names = ("control_kernel",)
 
     def __init__(
         self,
@@ -75,15 +90,8 @@ class BiasInjectDense(keras.layers.Layer):
                 f"not both. Got units={units!r}, activation={activation!r}, "
                 f"base_layer={base_layer.name!r}."
             )
-        projection = Projection(base_layer, name)
-        kwargs.setdefault("dtype", projection.dtype_policy)
-        super().__init__(**kwargs)
-        self.control_dim = check_positive_int(control_dim, "control_dim", name)
-        self.neutral = control_lib.check_neutral(neutral, self.control_dim, name)
+        super().__init__(base_layer, control_dim, neutral, **kwargs)
         self.control_initializer = keras.initializers.get(control_initializer)
-        self.base_layer = base_layer
-        self.projection = projection
-        self.activation = keras.activations.linear if self.projection.linear else base_layer.activation
         if base_layer.built:  # V's shape is known: create it now, so it can be inspected and trained
             self.build()
 
@@ -95,19 +103,19 @@ class BiasInjectDense(keras.layers.Layer):
                 f"{cls.__name__}.from_layer: layer '{layer_path(layer)}' is not built, so it has no "
                 "weights to keep. Call it on an input (or `layer.build(input_shape)`) first."
             )
-        kwargs.setdefault("name", f"{layer.name}_bias_inject")
+        kwargs.setdefault("name", cls.default_name(layer))
         wrapped = cls(control_dim=control_dim, neutral=neutral, base_layer=layer, **kwargs)
-        layer.trainable = False  # only after every check passed
+        wrapped.freeze_base()  # only after every check passed
         return wrapped
+
+    @classmethod
+    def for_injection(cls, layer, config):
+        return cls.from_layer(layer, control_dim=config.control_dim, neutral=config.neutral)
 
     def build(self, input_shape=None):
         if not self.base_layer.built:
             self.base_layer.build(input_shape)
-        self.control_kernel = self.add_weight(
-            name="control_kernel",
-            shape=(self.control_dim,) + self.projection.feature_shape,
-            initializer=self.control_initializer,
-        )
+        self.add_control_kernel(self.control_initializer)
 
     @property
     def kernel(self):
@@ -117,33 +125,18 @@ class BiasInjectDense(keras.layers.Layer):
     def bias(self):
         return self.base_layer.bias
 
-    def call(self, inputs, control=None):
+    def adapted(self, inputs, control):
         y = self.projection.pre_activation(inputs)  # (B, ..., *features)
-        control = control_lib.current_control() if control is None else control
-        if control is not None:
-            lead = len(y.shape) - len(self.projection.feature_shape)
-            d = control_lib.centred_control(
-                control, self.neutral, self.control_dim, lead, self.compute_dtype, self.path
-            )
-            y = ops.add(y, control_lib.control_term(d, self.control_kernel, len(y.shape)))
-        if self.projection.linear:
+        if control is None:
             return y
-        return self.activation(y)
+        return ops.add(y, self.control_bias(self.centred(control, y), y))
 
-    def compute_output_shape(self, input_shape):
-        return self.base_layer.compute_output_shape(input_shape)
+    def merged_kernel(self, centred):
+        """The base kernel as it is: only the bias carries the control."""
+        return ops.convert_to_tensor(self.base_layer.kernel)
 
     def get_config(self):
         return {
             **super().get_config(),
-            "control_dim": self.control_dim,
-            "neutral": self.neutral,
             "control_initializer": keras.initializers.serialize(self.control_initializer),
-            "base_layer": keras.saving.serialize_keras_object(self.base_layer),
         }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["base_layer"] = keras.saving.deserialize_keras_object(config["base_layer"])
-        return cls(**config)

@@ -11,7 +11,8 @@ Layers never see a control they were not given. Inside a `control_scope(c)` bloc
 without `control=` uses `c`; outside any scope it uses the neutral control. The scope is how a control
 reaches adapters spliced deep inside a model whose blocks call their projections with one argument
 (KerasHub's transformer blocks do): the model enters the scope in its own `call`, inside the same
-trace, so it works eagerly, under `tf.function` and under `jax.jit`.
+trace, so it works eagerly, under `tf.function` and under `jax.jit`. Every adapter kind reads its
+control this way, in `ControlAdapter.call` (layers/adapter.py).
 """
 
 import contextlib

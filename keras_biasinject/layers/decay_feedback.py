@@ -1,3 +1,11 @@
+"""`DecayFeedback`: feedback in, the next control vector out, with a memory that halves every
+half-life.
+
+It closes the loop at serving time: a signal about the model's last output (its own output
+projected into control space, or a user's rating) moves the control, and the move fades unless
+the feedback repeats. Time is an input (`elapsed`), so the same inputs give the same control.
+"""
+
 import math
 
 import keras

@@ -1,15 +1,24 @@
+"""`LoRABiasAdapter`: a low-rank adapter whose strength a control vector sets, plus a control bias.
+
+It wraps a frozen Dense or EinsumDense (any projection of a KerasHub transformer block); the
+control turns each rank component up, down, off or around, per example or per token. Its weights
+start so that the output is the base output bit for bit, and with `gate="control"` the neutral
+control gives the base output exactly even after training.
+"""
+
 import keras
 from keras import ops
 
 from keras_biasinject.layers import control as control_lib
+from keras_biasinject.layers.adapter import ControlAdapter
 from keras_biasinject.layers.checks import check_positive_int
-from keras_biasinject.layers.projection import Projection, layer_path
+from keras_biasinject.layers.projection import layer_path
 
 GATES = {"always": 1.0, "control": 0.0}  # gate name -> LoRA strength at the neutral control
 
 
 @keras.saving.register_keras_serializable(package="keras_biasinject")
-class LoRABiasAdapter(keras.layers.Layer):
+class LoRABiasAdapter(ControlAdapter):
     """A low-rank adapter around a frozen Dense or EinsumDense whose strength the control sets.
 
     `y = base(x) + (alpha / r) ((x A) * (g + (c - neutral) U)) B + (c - neutral) V`, with `g` = 1
@@ -56,6 +65,10 @@ class LoRABiasAdapter(keras.layers.Layer):
     >>> adapter.unmerge()                                     # the original kernel, bit for bit
     """
 
+    kind = "lora_bias"
+    name_suffix = "_lora_bias"
+    weight_names = ("lora_a", "lora_b", "control_gain", "control_kernel")
+
     def __init__(
         self,
         base_layer,
@@ -74,29 +87,25 @@ class LoRABiasAdapter(keras.layers.Layer):
                 f"{name}: layer '{layer_path(base_layer)}' is not built, so it has no weights to adapt. "
                 "Call it on an input (or `layer.build(input_shape)`) before wrapping it."
             )
-        projection = Projection(base_layer, name)
         rank = check_positive_int(rank, "rank", name)
-        control_dim = check_positive_int(control_dim, "control_dim", name)
         if gate not in GATES:
             raise ValueError(f"{name}: `gate` must be one of {sorted(GATES)}. Got gate={gate!r}.")
         if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
             raise ValueError(f"{name}: `alpha` must be a positive number or None. Got alpha={alpha!r}.")
-        neutral = control_lib.check_neutral(neutral, control_dim, name)
-        kwargs.setdefault("dtype", projection.dtype_policy)
-        kwargs.setdefault("name", f"{base_layer.name}_lora_bias")
-        super().__init__(**kwargs)
-        base_layer.trainable = False
-        self.base_layer = base_layer
-        self.projection = projection
+        kwargs.setdefault("name", self.default_name(base_layer))
+        super().__init__(base_layer, control_dim, neutral, **kwargs)
+        self.freeze_base()
         self.rank = rank
-        self.control_dim = control_dim
         self.alpha = float(alpha if alpha is not None else rank)
         self.gate = gate
-        self.neutral = neutral
         self.lora_a_initializer = keras.initializers.get(lora_a_initializer)
         self.control_gain_initializer = keras.initializers.get(control_gain_initializer)
-        self._merged = None  # (kernel, bias, offset) saved by merge(), or None
         self.build()  # the base is built, so every weight's shape is known
+
+    @classmethod
+    def for_injection(cls, layer, config):
+        return cls(layer, rank=config.rank, control_dim=config.control_dim, alpha=config.alpha, gate=config.gate,
+                   neutral=config.neutral)
 
     def build(self, input_shape=None):
         a_shape, b_shape = self.projection.lora_shapes(self.rank)
@@ -105,117 +114,53 @@ class LoRABiasAdapter(keras.layers.Layer):
         self.control_gain = self.add_weight(
             name="control_gain", shape=(self.control_dim, self.rank), initializer=self.control_gain_initializer
         )
-        self.control_kernel = self.add_weight(
-            name="control_kernel", shape=(self.control_dim,) + self.projection.feature_shape, initializer="zeros"
-        )
+        self.add_control_kernel("zeros")
 
     @property
     def scale(self):
         return self.alpha / self.rank
 
-    @property
-    def merged(self):
-        return self._merged is not None
-
-    def call(self, inputs, control=None):
+    def adapted(self, inputs, control):
         projection = self.projection
-        if self._merged is not None:
-            if control is not None:
-                raise ValueError(
-                    f"Layer '{self.path}' is merged for one fixed control and ignores `control`. "
-                    "Call `unmerge()` to use per-request controls again."
-                )
-            y = projection.pre_activation(inputs)
-            offset = self._merged[2]
-            return self._activate(y if offset is None else ops.add(y, ops.cast(offset, y.dtype)))
-
-        control = control_lib.current_control() if control is None else control
         if control is None and self.gate == "control":  # neutral control: the frozen base
-            return self._activate(projection.pre_activation(inputs))
+            return projection.pre_activation(inputs)
 
         y = projection.pre_activation(inputs)  # (B, ..., *features)
         h = projection.project_a(inputs, self.lora_a)  # (B, ..., r)
         if control is None:  # neutral control, gate "always": strength 1
             gated = h
         else:
-            lead = len(y.shape) - len(projection.feature_shape)
-            d = control_lib.centred_control(control, self.neutral, self.control_dim, lead, self.compute_dtype, self.path)
+            d = self.centred(control, y)  # (lead..., k)
             strength = ops.add(GATES[self.gate], ops.matmul(d, self.control_gain))  # (lead..., r)
             gated = ops.multiply(h, control_lib.align(strength, len(d.shape) - 1, len(h.shape)))
         update = ops.multiply(projection.project_b(gated, self.lora_b), ops.cast(self.scale, y.dtype))
         y = ops.add(y, update)
         if control is not None:
-            y = ops.add(y, control_lib.control_term(d, self.control_kernel, len(y.shape)))
-        return self._activate(y)
+            y = ops.add(y, self.control_bias(d, y))
+        return y
 
-    def _activate(self, y):
-        return y if self.projection.linear else self.base_layer.activation(y)
-
-    def merge(self, control=None):
-        """Folds the update for one fixed control (`[control_dim]`, default neutral) into the base.
-
-        The kernel becomes `K + (alpha / r) A diag(g + (c - neutral) U) B`; the bias becomes
-        `b + (c - neutral) V` when the base has a bias over all feature axes, otherwise that offset
-        is kept and added on each call. Call `unmerge()` to restore the original weights exactly.
-        """
-        base = self.base_layer
-        if self._merged is not None:
-            raise ValueError(f"Layer '{self.path}' is already merged. Call `unmerge()` first.")
-        if base.quantization_mode is not None:
-            raise ValueError(
-                f"Layer '{self.path}': the base is quantized ({base.quantization_mode}); a low-rank "
-                "update cannot be folded into quantized weights. Use the adapter unmerged."
-            )
-        if control is None:
-            control = ops.zeros((self.control_dim,)) + ops.convert_to_tensor(self.neutral, "float32")
-        d = control_lib.centred_control(control, self.neutral, self.control_dim, 0, "float32", self.path)
-        strength = ops.add(GATES[self.gate], ops.matmul(d, self.control_gain))  # (r,)
+    def merged_kernel(self, centred):
+        """`K + (alpha / r) A diag(g + (c - neutral) U) B`."""
+        strength = ops.add(GATES[self.gate], ops.matmul(centred, self.control_gain))  # (r,)
         delta = self.projection.kernel_delta(ops.multiply(self.lora_a, strength), self.lora_b)
-        offset = control_lib.control_term(d, self.control_kernel, len(self.projection.feature_shape))
-        saved_kernel = ops.copy(base.kernel.value)
-        saved_bias = None if base.bias is None else ops.copy(base.bias.value)
-        base.kernel.assign(ops.add(base.kernel, ops.multiply(delta, self.scale)))
-        if base.bias is not None and tuple(base.bias.shape) == tuple(offset.shape):
-            base.bias.assign(ops.add(base.bias, offset))
-            offset = None
-        self._merged = (saved_kernel, saved_bias, offset)
+        return ops.add(self.base_layer.kernel, ops.multiply(delta, self.scale))
 
-    def unmerge(self):
-        """Restores the kernel and bias saved by `merge()`, bit for bit."""
-        if self._merged is None:
-            raise ValueError(f"Layer '{self.path}' is not merged; there is nothing to unmerge.")
-        kernel, bias, _ = self._merged
-        self.base_layer.kernel.assign(kernel)
-        if bias is not None:
-            self.base_layer.bias.assign(bias)
-        self._merged = None
-
-    def save_own_variables(self, store):
-        if self._merged is not None:
-            raise ValueError(
-                f"Layer '{self.path}' is merged: saving now would store the merged kernel as the "
-                "base kernel and apply the update twice on reload. Call `unmerge()` before saving."
-            )
-        super().save_own_variables(store)
-
-    def compute_output_shape(self, input_shape):
-        return self.base_layer.compute_output_shape(input_shape)
+    @classmethod
+    def weight_layout(cls, weight, kernel_axes, rank):
+        """`A` (the kernel's shape, last axis -> rank) like the kernel's input axes, `B` (`[rank,
+        out]`) like its last axis; `U` whole; `V` as for every kind."""
+        if weight == "lora_a":
+            return list(kernel_axes[:-1]) + [None]
+        if weight == "lora_b":
+            return [None, kernel_axes[-1]]
+        return super().weight_layout(weight, kernel_axes, rank)
 
     def get_config(self):
         return {
             **super().get_config(),
-            "base_layer": keras.saving.serialize_keras_object(self.base_layer),
             "rank": self.rank,
-            "control_dim": self.control_dim,
             "alpha": self.alpha,
             "gate": self.gate,
-            "neutral": self.neutral,
             "lora_a_initializer": keras.initializers.serialize(self.lora_a_initializer),
             "control_gain_initializer": keras.initializers.serialize(self.control_gain_initializer),
         }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["base_layer"] = keras.saving.deserialize_keras_object(config["base_layer"])
-        return cls(**config)

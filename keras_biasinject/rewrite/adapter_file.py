@@ -25,7 +25,8 @@ from keras_biasinject.rewrite.config import InjectionConfig
 from keras_biasinject.rewrite.inject import inject
 from keras_biasinject.rewrite.injected_model import InjectedModel
 from keras_biasinject.rewrite.kerashub import backbone_of, with_tied_embeddings
-from keras_biasinject.rewrite.merge import _splices_of, remove
+from keras_biasinject.rewrite.merge import remove, splices_of
+from keras_biasinject.rewrite.targets import find_layers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_weights.safetensors"
@@ -35,12 +36,7 @@ _IGNORED_BACKBONE_KEYS = ("name", "trainable", "dtype")  # may differ between th
 
 def _adapter_variables(model):
     """{path: variable} of everything `save_adapter` stores: adapter-owned and extra trainable weights."""
-    variables = {}
-    for _, adapter in _splices_of(model, "save_adapter"):
-        base_ids = {id(v) for v in adapter.base_layer.weights}
-        variables.update({v.path: v for v in adapter.weights if id(v) not in base_ids})
-    from keras_biasinject.rewrite.targets import find_layers
-
+    variables = {v.path: v for _, adapter in splices_of(model, "save_adapter") for v in adapter.own_weights}
     config = model.injection.config
     for layer in find_layers(model, config.trainable) if config.trainable else []:
         variables.update({v.path: v for v in layer.weights})
@@ -50,7 +46,7 @@ def _adapter_variables(model):
 def _fingerprint(model):
     """sha256 over the adapted base layers' weights (as float32), in splice order."""
     digest = hashlib.sha256()
-    for _, adapter in _splices_of(model, "save_adapter"):
+    for _, adapter in splices_of(model, "save_adapter"):
         for variable in adapter.base_layer.weights:
             digest.update(np.ascontiguousarray(ops.convert_to_numpy(ops.cast(variable, "float32"))).tobytes())
     return digest.hexdigest()
@@ -74,8 +70,8 @@ def save_adapter(model, path, overwrite=False):
     """
     from safetensors.numpy import save_file
 
-    splices = _splices_of(model, "save_adapter")
-    merged = [a.path for _, a in splices if getattr(a, "merged", False)]
+    splices = splices_of(model, "save_adapter")
+    merged = [a.path for _, a in splices if a.merged]
     if merged:
         raise ValueError(f"save_adapter: adapter {merged[0]!r} is merged; call its `unmerge()` first.")
     path = Path(path)

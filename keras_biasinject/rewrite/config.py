@@ -4,9 +4,10 @@ import dataclasses
 from typing import Optional, Sequence, Union
 
 from keras_biasinject.layers.checks import check_positive_int
+from keras_biasinject.layers.kinds import ADAPTER_KINDS
 from keras_biasinject.layers.lora_bias_adapter import GATES
 
-KINDS = ("lora_bias", "bias")
+KINDS = tuple(ADAPTER_KINDS)  # "lora_bias" (LoRABiasAdapter), "bias" (BiasInjectDense)
 
 # Named target sets: a layer matches when the last segment of its path is one of the names.
 # KerasHub names its projections alike across families (GPT-2, BERT, Llama, Gemma, Qwen, ...).

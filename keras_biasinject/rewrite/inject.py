@@ -4,15 +4,13 @@ import dataclasses
 
 import keras
 
-from keras_biasinject.layers import BiasInjectDense, LoRABiasAdapter
+from keras_biasinject.layers import ADAPTER_KINDS, ControlAdapter
 from keras_biasinject.layers.projection import Projection
 from keras_biasinject.rewrite.config import InjectionConfig
 from keras_biasinject.rewrite.frozen import count_params
 from keras_biasinject.rewrite.injected_model import InjectedModel, injected_class
 from keras_biasinject.rewrite.kerashub import backbone_of
 from keras_biasinject.rewrite.targets import find_layers, find_targets
-
-ADAPTERS = (LoRABiasAdapter, BiasInjectDense)
 
 
 @dataclasses.dataclass
@@ -51,17 +49,13 @@ def _make_adapter(target, config):
     for scope in scopes:  # weights get the target's path: ".../self_attention/query_lora_bias/lora_a"
         scope.__enter__()
     try:
-        if config.kind == "bias":
-            return BiasInjectDense(control_dim=config.control_dim, neutral=config.neutral, base_layer=target.layer,
-                                   name=f"{target.layer.name}_bias_inject")
-        return LoRABiasAdapter(target.layer, rank=config.rank, control_dim=config.control_dim, alpha=config.alpha,
-                               gate=config.gate, neutral=config.neutral)
+        return ADAPTER_KINDS[config.kind].for_injection(target.layer, config)
     finally:
         for scope in reversed(scopes):
             scope.__exit__(None, None, None)
 
 
-def _swap(parent, attr, old, new):
+def swap_layer(parent, attr, old, new):
     """`parent.<attr> = new` in place of `old`, at old's position in `parent._layers`."""
     index = next((i for i, layer in enumerate(parent._layers) if layer is old), None)
     parent._tracker.unlock()  # built KerasHub layers lock their attributes
@@ -77,15 +71,15 @@ def _swap(parent, attr, old, new):
 
 
 def _splice(target, adapter):
-    _swap(target.parent, target.attr, target.layer, adapter)
+    swap_layer(target.parent, target.attr, target.layer, adapter)
 
 
 def _freeze_base(model, extra_trainable):
     """Only adapter weights and the layers listed in `trainable` stay trainable."""
     keep = set()
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, ADAPTERS):
-            keep.update(id(v) for v in layer.trainable_weights)
+        if isinstance(layer, ControlAdapter):
+            keep.update(id(v) for v in layer.own_weights)
     for layer in extra_trainable:
         layer.trainable = True
         keep.update(id(v) for v in layer.weights)

@@ -11,13 +11,13 @@ import keras_hub
 import numpy as np
 from keras import ops
 
-from keras_biasinject.layers import BiasInjectDense, LoRABiasAdapter
-from keras_biasinject.layers import control as control_lib
-from keras_biasinject.rewrite.inject import _swap
+from keras_biasinject.rewrite.inject import swap_layer
 from keras_biasinject.rewrite.injected_model import InjectedModel
 
 
-def _splices_of(model, caller):
+def splices_of(model, caller):
+    """The `(Target, adapter)` pairs `inject` spliced into `model`, in splice order; `caller` names the
+    function in the error raised for a model `inject` did not return."""
     if not isinstance(model, InjectedModel):
         raise ValueError(f"{caller}: expected a model returned by `inject`; got a plain {type(model).__name__}.")
     undo = getattr(model, "_kbi_undo", None)
@@ -48,40 +48,22 @@ def _fixed_control(model, control):
 def _merged_values(adapter, control):
     """{id(base variable): merged value} for one adapter at `control`, without changing the adapter."""
     base = adapter.base_layer
-    values = {}
-    if isinstance(adapter, LoRABiasAdapter):
-        adapter.merge(control)
-        try:
-            values[id(base.kernel)] = ops.convert_to_numpy(base.kernel)
-            if base.bias is not None:
-                values[id(base.bias)] = ops.convert_to_numpy(base.bias)
-            unfolded = adapter._merged[2]  # the offset merge could not put into a bias
-        finally:
-            adapter.unmerge()
-    else:  # BiasInjectDense: only (c - neutral) V
-        d = control_lib.centred_control(control, adapter.neutral, adapter.control_dim, 0, "float32", adapter.path)
-        offset = ops.convert_to_numpy(
-            control_lib.control_term(d, adapter.control_kernel, len(adapter.projection.feature_shape))
-        )
-        unfolded = offset
-        if base.bias is not None and tuple(base.bias.shape) == offset.shape:
-            values[id(base.bias)] = ops.convert_to_numpy(base.bias) + offset.astype(base.bias.dtype)
-            unfolded = None
-    if unfolded is not None and np.any(ops.convert_to_numpy(unfolded) != 0):
+    kernel, bias, offset = adapter.merged_weights(control)
+    if offset is not None and np.any(ops.convert_to_numpy(offset) != 0):
         raise ValueError(
             f"merge: layer '{base.path}' has no bias over its outputs, so the control's bias term "
             "(c - neutral) V cannot be folded into a plain model of this class. Serve the injected "
             "model (or export it with a fixed control), or merge at a control where that term is zero."
         )
+    values = {id(base.kernel): ops.convert_to_numpy(kernel)}
+    if bias is not None:
+        values[id(base.bias)] = ops.convert_to_numpy(bias)
     return values
 
 
-def _base_weights(model):
+def _base_weights(model, splices):
     """The model's variables minus those the adapters own, in `model.weights` order."""
-    owned = set()
-    for _, adapter in model._kbi_undo.splices:
-        base_ids = {id(v) for v in adapter.base_layer.weights}
-        owned.update(id(v) for v in adapter.weights if id(v) not in base_ids)
+    owned = {id(v) for _, adapter in splices for v in adapter.own_weights}
     return [v for v in model.weights if id(v) not in owned]
 
 
@@ -101,7 +83,7 @@ def merge(model, control=None):
     >>> positive = merge(lm, "positive")      # a plain GPT2CausalLM
     >>> positive.save("positive.keras")        # loads with keras_hub only
     """
-    splices = _splices_of(model, "merge")
+    splices = splices_of(model, "merge")
     control = _fixed_control(model, control)
     quantized = [a.base_layer.path for _, a in splices if a.base_layer.quantization_mode is not None]
     if quantized:
@@ -110,7 +92,7 @@ def merge(model, control=None):
             "update cannot be folded into quantized weights. Merge before quantizing, or serve the "
             "injected model unmerged."
         )
-    merged_adapters = [a.path for _, a in splices if isinstance(a, LoRABiasAdapter) and a.merged]
+    merged_adapters = [a.path for _, a in splices if a.merged]
     if merged_adapters:
         raise ValueError(f"merge: adapter {merged_adapters[0]!r} is merged by hand; call its `unmerge()` first.")
     overrides = {}
@@ -118,7 +100,7 @@ def merge(model, control=None):
         overrides.update(_merged_values(adapter, control))
 
     plain = model._base_class.from_config(model.get_config()["base_config"])
-    source = _base_weights(model)
+    source = _base_weights(model, splices)
     target = plain.weights
     if len(source) != len(target) or any(s.path != t.path or s.shape != t.shape for s, t in zip(source, target)):
         raise RuntimeError(
@@ -134,12 +116,12 @@ def remove(model):
     """Undoes `inject` in place and returns the base model: same layers, class, trainable flags and
     outputs as before `inject` (bit for bit). Trained adapter weights are discarded: save them
     first with `save_adapter` if you want them back."""
-    splices = _splices_of(model, "remove")
-    merged = [a.path for _, a in splices if isinstance(a, LoRABiasAdapter) and a.merged]
+    splices = splices_of(model, "remove")
+    merged = [a.path for _, a in splices if a.merged]
     if merged:
         raise ValueError(f"remove: adapter {merged[0]!r} is merged; call its `unmerge()` first.")
     for target, adapter in reversed(splices):
-        _swap(target.parent, target.attr, adapter, target.layer)
+        swap_layer(target.parent, target.attr, adapter, target.layer)
     variables, layers = model._kbi_undo.trainable_before
     for layer, trainable in layers:  # layers first: setting a layer's flag resets its variables'
         layer.trainable = trainable

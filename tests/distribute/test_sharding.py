@@ -5,6 +5,7 @@ weights on the same batches. Tolerance 1e-6: the sharded matmuls sum their parti
 different order (measured: 2e-8).
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -49,6 +50,34 @@ def test_sharded_jax_run_equals_the_unsharded_run(tmp_path):
     assert specs["odd:transformer_layer_0/self_attention/attention_output_lora_bias/lora_a"] == [None, None, None]
     np.testing.assert_allclose(data["odd_sharded"], data["odd_plain"], rtol=0, atol=1e-6)
 
+
+
+def test_adapter_weights_of_every_kind_follow_their_kernel():
+    # The layout rule alone, no JAX: each adapter class places its weights after the kernel's axes.
+    from keras_biasinject.distribute.sharding import AdapterModelParallel
+
+    mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"), keras.distribution.list_devices()[:1])
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map["block/attention/query/kernel"] = ("model", "batch", None)
+    layout_map["block/ffw/kernel"] = (None, "model")
+    distribution = AdapterModelParallel(layout_map=layout_map, batch_dim_name="batch")
+
+    def layout_of(path, shape):
+        *scopes, name = path.split("/")
+        with contextlib.ExitStack() as stack:
+            for scope in scopes:
+                stack.enter_context(keras.name_scope(scope))
+            variable = keras.Variable(np.zeros(shape, "float32"), name=name)
+        assert variable.path == path
+        return list(distribution.get_variable_layout(variable).axes)
+
+    assert layout_of("block/attention/query_bias_inject/control_kernel", (1, 4, 8)) == [None, "batch", None]
+    assert layout_of("block/attention/query_lora_bias/lora_a", (16, 4, 2)) == ["model", "batch", None]
+    assert layout_of("block/attention/query_lora_bias/lora_b", (2, 8)) == [None, None]
+    assert layout_of("block/ffw_bias_inject/control_kernel", (1, 16)) == [None, "model"]
+    assert layout_of("block/ffw_lora_bias/lora_b", (2, 16)) == [None, "model"]
+    assert layout_of("block/ffw_lora_bias/control_gain", (1, 2)) == [None, None]
+    assert layout_of("block/other_bias_inject/control_kernel", (1, 16)) == [None, None]  # its kernel is not in the map
 
 def test_model_parallel_is_refused_on_the_tensorflow_backend():
     assert keras.backend.backend() == "tensorflow"

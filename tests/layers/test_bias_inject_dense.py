@@ -107,3 +107,51 @@ def test_bad_arguments_name_the_argument_the_value_and_the_fix():
     layer = BiasInjectDense.from_layer(base, control_dim=2)
     with pytest.raises(ValueError, match="control has width 1 .* control_dim=2"):
         layer(x, control=np.zeros((BATCH, 1), "float32"))
+
+
+@pytest.mark.parametrize("kind", sorted(PROJECTIONS))
+def test_merge_matches_the_dynamic_control_and_unmerge_is_exact(kind, tmp_keras_path):
+    base, x = make_base(kind)
+    layer = BiasInjectDense.from_layer(base, control_dim=2)
+    layer.control_kernel.assign(np.random.default_rng(3).normal(size=layer.control_kernel.shape).astype("float32"))
+    model = keras.Sequential([keras.Input(x.shape[1:]), layer])
+    kernel, bias = numpy(base.kernel), None if base.bias is None else numpy(base.bias)
+    c = np.array([0.7, -1.3], "float32")
+    dynamic = numpy(layer(x, control=np.tile(c, (BATCH, 1))))
+
+    layer.merge(c)
+    assert layer.merged
+    # (x K + b) + c V against x K + (b + c V): the same float32 sums in another order, a rounding
+    # apart (measured: at most one ulp, 9.5e-7 on outputs near 12).
+    np.testing.assert_allclose(numpy(layer(x)), dynamic, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(numpy(base.kernel), kernel)  # only the bias carries the control
+    if bias is not None:
+        assert not np.array_equal(numpy(base.bias), bias)
+    with pytest.raises(ValueError, match="merged for one fixed control"):
+        layer(x, control=np.tile(c, (BATCH, 1)))
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge(c)
+    with pytest.raises(ValueError, match="Call `unmerge\\(\\)` before saving"):
+        model.save(tmp_keras_path)
+
+    layer.unmerge()
+    assert not layer.merged and np.array_equal(numpy(base.kernel), kernel)
+    if bias is not None:
+        assert np.array_equal(numpy(base.bias), bias)
+    assert np.array_equal(numpy(layer(x, control=np.tile(c, (BATCH, 1)))), dynamic)
+    with pytest.raises(ValueError, match="not merged"):
+        layer.unmerge()
+
+
+@pytest.mark.parametrize("kind", sorted(PROJECTIONS))
+def test_merge_at_the_neutral_control_changes_nothing(kind):
+    base, x = make_base(kind)
+    expected = numpy(base(x))
+    layer = BiasInjectDense.from_layer(base, control_dim=2, neutral=[1.0, -1.0])
+    layer.control_kernel.assign(np.random.default_rng(3).normal(size=layer.control_kernel.shape).astype("float32"))
+    weights = [numpy(w) for w in base.weights]
+    for control in (None, np.array([1.0, -1.0], "float32")):  # the default is the neutral control
+        layer.merge(control)
+        assert all(np.array_equal(numpy(w), v) for w, v in zip(base.weights, weights))
+        assert np.array_equal(numpy(layer(x)), expected)
+        layer.unmerge()

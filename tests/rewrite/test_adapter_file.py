@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from keras_biasinject import inject, load_adapter, save_adapter
-from tests.rewrite.tiny_models import BATCH, controls, gpt2, out, snapshot, state_of, tokens, train
+from tests.rewrite.tiny_models import controls, gpt2, out, state_of, tokens, train
 
 
 @pytest.fixture(scope="module")

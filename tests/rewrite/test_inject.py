@@ -1,5 +1,3 @@
-import warnings
-
 import keras
 import keras_hub
 import numpy as np

@@ -149,3 +149,21 @@ def test_tied_llama_round_trips_and_merges(tmp_path):
     fresh = getattr(keras_hub.models, task)(backbone=getattr(keras_hub.models, cls)(**kwargs, tie_word_embeddings=True), preprocessor=None)
     c = {"control": np.ones((2, 1), "float32")}
     assert np.array_equal(out(load_adapter(fresh, tmp_path / "adapter"), {**x, **c}), out(lm, {**x, **c}))
+
+
+def test_merge_of_a_bias_injection_folds_the_control_into_the_biases():
+    lm, base_out, _ = trained_lm(kind="bias", targets="attention")
+    x = tokens()
+    before = snapshot(lm)
+    steered = out(lm, {**x, "control": np.full((BATCH, 1), 2.0, "float32")})
+
+    merged = merge(lm, [2.0])
+    assert type(merged) is keras_hub.models.GPT2CausalLM
+    assert len(merged.weights) == len(before) - 8  # one V per attention projection, 4 x 2 blocks
+    changed = sorted(p for p, v in snapshot(merged).items() if not np.array_equal(v, before[p]))
+    assert len(changed) == 8 and all(p.endswith("/bias") for p in changed)  # kernels untouched
+    # x K + (b + c V) against (x K + b) + c V: same maths, other rounding order.
+    np.testing.assert_allclose(out(merged, x), steered, rtol=1e-5, atol=1e-5 * np.abs(steered).max())
+    assert not np.allclose(out(merged, x), base_out, atol=1e-4)
+    assert all(np.array_equal(snapshot(lm)[p], v) for p, v in before.items())  # the injected model is untouched
+    assert np.array_equal(out(merge(lm), x), base_out)  # the neutral control: the base exactly
