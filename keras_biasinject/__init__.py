@@ -7,6 +7,7 @@ Public API:
 - `DecayFeedback`: feedback into a state that becomes the next control and fades with a half-life.
 - `control_scope`: routes a control to adapters spliced inside a model.
 - `inject` / `InjectionConfig`: splice adapters into a KerasHub backbone or task.
+- `control_from_examples`: a steering vector from contrastive examples, as the control's weights.
 - `save_adapter` / `load_adapter`: only the new weights, the config and the named controls.
 - `merge`: a plain KerasHub model with one control folded in; `remove`: the base model back, exactly.
 - `load`: real pretrained checkpoints (built-in names, GGUF files, Hugging Face folders, presets).
@@ -22,6 +23,7 @@ import importlib
 # so that `keras.models.load_model` finds them after `import keras_biasinject`.
 from keras_biasinject.layers import BiasInjectDense, DecayFeedback, LoRABiasAdapter, control_scope
 from keras_biasinject.rewrite import InjectionConfig, InjectionReport, inject, load_adapter, merge, remove, save_adapter
+from keras_biasinject.rewrite.from_examples import control_from_examples
 
 # The rest is imported on first use (PEP 562): loading models, data and recipes pulls in more.
 _EXPORTS = {
@@ -53,6 +55,7 @@ def __dir__():
 __all__ = sorted(
     [
         "BiasInjectDense", "DecayFeedback", "InjectionConfig", "InjectionReport", "LoRABiasAdapter", "control_scope",
+        "control_from_examples",
         "inject", "load_adapter", "merge", "remove", "save_adapter", "__version__",
     ]
     + list(_EXPORTS)
