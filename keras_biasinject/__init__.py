@@ -22,8 +22,9 @@ import importlib
 # The layers and the injected model class are imported now: they register themselves with Keras,
 # so that `keras.models.load_model` finds them after `import keras_biasinject`.
 from keras_biasinject.layers import BiasInjectDense, DecayFeedback, LoRABiasAdapter, control_scope
-from keras_biasinject.rewrite import InjectionConfig, InjectionReport, inject, load_adapter, merge, remove, save_adapter
-from keras_biasinject.rewrite.from_examples import control_from_examples
+from keras_biasinject.rewrite import (
+    InjectionConfig, InjectionReport, control_from_examples, inject, load_adapter, merge, remove, save_adapter,
+)
 
 # The rest is imported on first use (PEP 562): loading models, data and recipes pulls in more.
 _EXPORTS = {
