@@ -21,6 +21,7 @@ import numpy as np
 
 from keras_biasinject.atomic import atomic_dir
 from keras_biasinject.export.endpoints import build_archive
+from keras_biasinject.layers.checks import check_positive_int
 from keras_biasinject.rewrite.injected_model import InjectedModel
 from keras_biasinject.rewrite.kerashub import preprocessor_detached
 from keras_biasinject.rewrite.merge import merge
@@ -64,8 +65,7 @@ def version_folder(base_dir, name, version=None, overwrite=False):
         raise ValueError(f"export_saved_model: `name` must be a plain folder name. Got name={name!r}.")
     if version is None:
         version = next_version(base_dir, name)
-    if isinstance(version, bool) or not isinstance(version, int) or version <= 0:
-        raise ValueError(f"export_saved_model: `version` must be a positive integer (TF Serving's rule). Got version={version!r}.")
+    check_positive_int(version, "version", "export_saved_model")  # TF Serving's rule
     final = Path(base_dir) / name / str(version)
     if final.exists() and not overwrite:
         raise FileExistsError(

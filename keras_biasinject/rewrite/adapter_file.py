@@ -19,6 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 from keras import ops
+from safetensors.numpy import load_file, save_file
 
 from keras_biasinject.atomic import atomic_dir
 from keras_biasinject.rewrite.config import InjectionConfig
@@ -68,8 +69,6 @@ def save_adapter(model, path, overwrite=False):
     Kilobytes to megabytes: the adapter weights, the extra trainable layers' weights, the injection
     config and the named controls. Load it with `load_adapter(base_model, path)`.
     """
-    from safetensors.numpy import save_file
-
     splices = splices_of(model, "save_adapter")
     merged = [a.path for _, a in splices if a.merged]
     if merged:
@@ -102,8 +101,6 @@ def save_adapter(model, path, overwrite=False):
 
 
 def _read(path):
-    from safetensors.numpy import load_file
-
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_biasinject.layers.checks import check_positive_int
 from keras_biasinject.rewrite.injected_model import InjectedModel
 from keras_biasinject.rewrite.merge import splices_of
 
@@ -113,8 +114,7 @@ def control_from_examples(model, positive, negative, *, scale=1.0, dimension=0, 
                          f"(control_dim={dim}). Got dimension={dimension!r}.")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
         raise ValueError(f"control_from_examples: `scale` must be a finite number. Got scale={scale!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"control_from_examples: `batch_size` must be a positive integer. Got batch_size={batch_size!r}.")
+    check_positive_int(batch_size, "batch_size", "control_from_examples")
     adapters = [adapter for _, adapter in splices]
     (pos_batches, n_pos), (neg_batches, n_neg) = (
         _token_batches(model, examples, batch_size, what)
