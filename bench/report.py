@@ -6,6 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+STEER_START, STEER_END = "<!-- steering-compare:start -->", "<!-- steering-compare:end -->"
 
 
 def load(name):
@@ -55,6 +56,17 @@ def table():
                      f"neutral = base: {st['neutral_equals_base']} (`bench/results/steering.png`) | | `python bench/steering.py` |")
         ppl = ", ".join(f"{k} {v:.2f}" for k, v in r["austen_perplexity"].items())
         lines.append(f"| forgetting, Austen perplexity ({r['austen_paragraphs']} held-out paragraphs) | {ppl} | | `python bench/steering.py` |")
+    if (r := load("steering_compare")):
+        g = r["goals"]
+
+        def span(pair):
+            return "none within the limit" if pair[0] is None else f"{pair[0]:.2f} to {pair[1]:.2f}"
+
+        lines.append(
+            f"| steering compared, {r['lm']} ({r['prompts']} generations per point; table and plot below) | within 1.2x the base's "
+            f"fluency: ours {span(g['ours_span_within_fluency_limit'])}, steering vector {span(g['steering_vector_span_within_fluency_limit'])}; "
+            f"prompting swing {g['prompting_swing']:.2f}, ours {(g['ours_swing'] or 0.0):.2f} | <= 0.2 to >= 0.8 at <= 1.2x fluency; "
+            f"swing >= prompting's | `python bench/steering_compare.py` |")
     if (r := load("size")):
         for name, m in r["models"].items():
             lines.append(
@@ -66,15 +78,38 @@ def table():
     return "\n".join(lines)
 
 
+def steering_table():
+    """One row per point of bench/steering_compare.py, in the order they were measured."""
+    r = load("steering_compare")
+    if r is None:
+        return ""
+    base = r["points"]["base"]["fluency_perplexity"]
+    lines = ["| method | share judged positive (95% CI) | fluency: perplexity under the base (x base) | distinct-2 | Austen perplexity |",
+             "|---|---|---|---|---|"]
+    for name, p in r["points"].items():
+        low, high = p["wilson_95"]
+        austen = "n/a (prompt)" if p["austen_perplexity"] is None else f"{p['austen_perplexity']:.2f}"
+        lines.append(f"| {name} | {p['share_positive']:.2f} ({low:.2f}-{high:.2f}) | {p['fluency_perplexity']:.2f} "
+                     f"({p['fluency_perplexity'] / base:.2f}x) | {p['distinct_2']:.3f} | {austen} |")
+    return "\n".join(lines)
+
+
+def _replace(text, start, end, body):
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md needs {start} and {end} around a generated table.")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def main():
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md needs {START} and {END} around the benchmark table.")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table()}\n{END}{tail}")
+    text = _replace(readme.read_text(), START, END, table())
+    if load("steering_compare") is not None:
+        text = _replace(text, STEER_START, STEER_END, steering_table())
+    readme.write_text(text)
     print(table())
+    print(steering_table())
 
 
 if __name__ == "__main__":
