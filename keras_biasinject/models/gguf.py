@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
+import safetensors.numpy
 
 # Quantization types this converter dequantizes (all tested); others raise.
 SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
@@ -102,7 +102,7 @@ def convert_gguf(gguf_path, out_dir):
     weights = {}
     for hf_name, tensor, unpermute_heads in plan:
         weights[hf_name] = _dequantize(tensor, unpermute_heads, gguf)
-    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    safetensors.numpy.save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     del weights
     _write_json(out_dir / "tokenizer.json", tokenizer)
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)

@@ -28,12 +28,14 @@ def test_the_shipped_recipes_load():
 
     folder = pathlib.Path(__file__).resolve().parents[2] / "recipes"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["classify_fine_foods.toml", "my_data.yaml", "steer_reviews_lm.toml"]
+    assert names == ["classify_fine_foods.toml", "my_data.yaml", "steer_reviews_lm.toml", "steer_reviews_strong.toml"]
     classify = load_recipe(folder / "classify_fine_foods.toml")
     assert classify.task == "classification" and classify.train.methods == ["base", "keras_lora", "bias_injection"]
     steer = load_recipe(folder / "steer_reviews_lm.toml")
     assert steer.task == "causal_lm" and steer.data["control_map"] == {"great": 1.0, "other": -1.0}
     assert steer.steer.judge == "runs/classify"
+    strong = load_recipe(folder / "steer_reviews_strong.toml")
+    assert strong.inject.targets == "all-linear" and strong.train.max_train_examples == 1024 and strong.steer.judge is None
     mine = load_recipe(folder / "my_data.yaml")
     assert mine.name == "my_data" and mine.train.epochs == 3
 
