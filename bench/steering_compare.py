@@ -19,7 +19,7 @@ Methods:
    control from examples without training (the recipe's injection, V set by `control_from_examples`).
 
 Run: python bench/steering_compare.py  -> bench/results/steering_compare.json, steering_compare.png
-(about an hour on 2 CPU cores; trained runs and finished points are kept in
+(about two hours on 2 shared CPU cores, 10 s per training step of the recipe; trained runs and finished points are kept in
 bench/results/runs/steering_compare and reused; --fresh starts over)
 """
 

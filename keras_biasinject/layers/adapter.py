@@ -101,7 +101,7 @@ class ControlAdapter(keras.layers.Layer):
 
     def adapted(self, inputs, control):
         """The output before the base's activation; `control` None means the neutral control."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: every adapter kind implements `adapted` (see LoRABiasAdapter).")
 
     def activate(self, y):
         """The base layer's activation, applied after the adapter's terms (none for a linear base)."""
@@ -118,7 +118,7 @@ class ControlAdapter(keras.layers.Layer):
 
     def merged_kernel(self, centred):
         """The base kernel with the update for one centred control (`[control_dim]`) folded in."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: every adapter kind implements `merged_kernel` (see LoRABiasAdapter).")
 
     def merged_weights(self, control=None):
         """The base's weights with the adapter folded in for one fixed control; changes nothing.
