@@ -5,6 +5,8 @@ Public API:
 - `LoRABiasAdapter`: a low-rank adapter around a frozen projection whose strength the control sets,
   with an exact off switch (`gate="control"`) and `merge`/`unmerge`.
 - `DecayFeedback`: feedback into a state that becomes the next control and fades with a half-life.
+- `FeedbackHead` / `add_feedback_head`: output nodes that read the model's own hidden states.
+- `FeedbackLoop`: a session whose control follows the model's own readings and ratings, with decay.
 - `control_scope`: routes a control to adapters spliced inside a model.
 - `inject` / `InjectionConfig`: splice adapters into a KerasHub backbone or task.
 - `control_from_examples`: a steering vector from contrastive examples, as the control's weights.
@@ -21,9 +23,10 @@ import importlib
 
 # The layers and the injected model class are imported now: they register themselves with Keras,
 # so that `keras.models.load_model` finds them after `import keras_biasinject`.
-from keras_biasinject.layers import BiasInjectDense, DecayFeedback, LoRABiasAdapter, control_scope
+from keras_biasinject.layers import BiasInjectDense, DecayFeedback, FeedbackHead, LoRABiasAdapter, control_scope
 from keras_biasinject.rewrite import (
-    InjectionConfig, InjectionReport, control_from_examples, inject, load_adapter, merge, remove, save_adapter,
+    InjectionConfig, InjectionReport, add_feedback_head, control_from_examples, inject, load_adapter, merge, remove,
+    remove_feedback_head, save_adapter,
 )
 
 # The rest is imported on first use (PEP 562): loading models, data and recipes pulls in more.
@@ -38,6 +41,7 @@ _EXPORTS = {
     "finetune": "keras_biasinject.recipes",
     "export_saved_model": "keras_biasinject.export",
     "export_onnx": "keras_biasinject.export",
+    "FeedbackLoop": "keras_biasinject.loop",
 }
 
 
@@ -55,8 +59,8 @@ def __dir__():
 
 __all__ = sorted(
     [
-        "BiasInjectDense", "DecayFeedback", "InjectionConfig", "InjectionReport", "LoRABiasAdapter", "control_scope",
-        "control_from_examples",
+        "BiasInjectDense", "DecayFeedback", "FeedbackHead", "InjectionConfig", "InjectionReport", "LoRABiasAdapter", "control_scope",
+        "add_feedback_head", "control_from_examples", "remove_feedback_head",
         "inject", "load_adapter", "merge", "remove", "save_adapter", "__version__",
     ]
     + list(_EXPORTS)

@@ -2,10 +2,11 @@
 
 from keras_biasinject.rewrite.adapter_file import load_adapter, save_adapter
 from keras_biasinject.rewrite.config import PRESETS, InjectionConfig
+from keras_biasinject.rewrite.feedback import add_feedback_head, remove_feedback_head
 from keras_biasinject.rewrite.from_examples import control_from_examples
 from keras_biasinject.rewrite.inject import InjectionReport, inject
 from keras_biasinject.rewrite.merge import merge, remove
 
 __all__ = [
-    "PRESETS", "InjectionConfig", "InjectionReport", "control_from_examples", "inject", "load_adapter", "merge", "remove", "save_adapter",
+    "PRESETS", "InjectionConfig", "add_feedback_head", "remove_feedback_head", "InjectionReport", "control_from_examples", "inject", "load_adapter", "merge", "remove", "save_adapter",
 ]

@@ -5,7 +5,7 @@ An adapter folder holds
   backbone config (to refuse a mismatched base), a fingerprint of the adapted base kernels (to warn
   when the base weights differ from those the adapter was trained on), and the weight list;
 - `adapter_weights.safetensors`: the adapter weights and those of the extra trainable layers
-  (`InjectionConfig.trainable`, e.g. a task head), keyed by variable path.
+  (`InjectionConfig.trainable`, e.g. a task head) and of the feedback head, keyed by variable path.
 
 Writing is atomic: a folder is written beside the destination and renamed into place, so a reader
 never sees half an adapter, and an existing adapter is replaced only with `overwrite=True`.
@@ -23,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from keras_biasinject.atomic import atomic_dir
 from keras_biasinject.rewrite.config import InjectionConfig
+from keras_biasinject.rewrite.feedback import add_feedback_head
 from keras_biasinject.rewrite.inject import inject
 from keras_biasinject.rewrite.injected_model import InjectedModel
 from keras_biasinject.rewrite.kerashub import backbone_of, with_tied_embeddings
@@ -41,6 +42,8 @@ def _adapter_variables(model):
     config = model.injection.config
     for layer in find_layers(model, config.trainable) if config.trainable else []:
         variables.update({v.path: v for v in layer.weights})
+    if model.feedback_head is not None:
+        variables.update({v.path: v for v in model.feedback_head.weights})
     return variables
 
 
@@ -90,6 +93,7 @@ def save_adapter(model, path, overwrite=False):
         "backbone_config": backbone_config,
         "injection": model.injection.config.to_dict(),
         "named_controls": {name: list(v) for name, v in model.named_controls.items()},
+        "feedback_head": None if model.feedback_head is None else keras.saving.serialize_keras_object(model.feedback_head),
         "base_fingerprint": _fingerprint(model),
         "weights": {p: list(a.shape) for p, a in arrays.items()},
     }
@@ -148,6 +152,8 @@ def load_adapter(base_model, path):
     injection = InjectionConfig.from_dict(config["injection"])
     model = inject(base_model, injection)
     try:
+        if config.get("feedback_head") is not None:
+            add_feedback_head(model, keras.saving.deserialize_keras_object(config["feedback_head"]))
         variables = _adapter_variables(model)
         missing = sorted(set(variables) - set(arrays))
         unexpected = sorted(set(arrays) - set(variables))

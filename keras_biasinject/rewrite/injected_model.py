@@ -24,8 +24,9 @@ import numpy as np
 from keras import ops
 
 from keras_biasinject.layers.control import control_scope, current_control
+from keras_biasinject.rewrite import feedback as feedback_lib
 from keras_biasinject.rewrite.config import InjectionConfig
-from keras_biasinject.rewrite.kerashub import with_tied_embeddings
+from keras_biasinject.rewrite.kerashub import backbone_of, with_tied_embeddings
 
 REGISTERED_NAME = "InjectedModel"
 _classes = {}  # base class -> its Injected subclass
@@ -50,6 +51,7 @@ class InjectedModel:
     """Mixin placed before a KerasHub Backbone or Task class. See the module docstring."""
 
     injection = None  # InjectionReport, set by `inject`
+    feedback_head = None  # a FeedbackHead, set by `add_feedback_head`
     _base_class = None  # the KerasHub class this one extends, set by `injected_class`
 
     @property
@@ -96,12 +98,50 @@ class InjectedModel:
 
     def call(self, inputs, *args, **kwargs):
         inputs, control = _split_control(inputs, self)
-        with control_scope(control):
-            return super().call(inputs, *args, **kwargs)
+        head = self.feedback_head
+        is_backbone = isinstance(self, keras_hub.models.Backbone)
+        with control_scope(control), feedback_lib.backbone_capture(head is not None and not is_backbone) as seen:
+            outputs = super().call(inputs, *args, **kwargs)
+        if is_backbone:
+            feedback_lib.record_backbone_output(outputs)  # for a task above that has a head
+        if head is None:
+            return outputs
+        hidden = feedback_lib.sequence_output(outputs if is_backbone else seen[-1])
+        mask = inputs.get("padding_mask") if isinstance(inputs, dict) else None
+        reading = head(hidden, padding_mask=mask, per_token=feedback_lib.reads_per_token(self))
+        return feedback_lib.with_feedback(self, outputs, reading)
 
     def compute_output_spec(self, inputs, *args, **kwargs):
         inputs, _ = _split_control(inputs)
-        return super().compute_output_spec(inputs, *args, **kwargs)
+        outputs = super().compute_output_spec(inputs, *args, **kwargs)
+        if self.feedback_head is None:
+            return outputs
+        tokens = inputs["token_ids"] if isinstance(inputs, dict) else inputs
+        lead = tuple(tokens.shape[:2]) if feedback_lib.reads_per_token(self) else tuple(tokens.shape[:1])
+        reading = keras.KerasTensor(lead + (self.feedback_head.feedback_dim,), dtype=self.feedback_head.compute_dtype)
+        return feedback_lib.with_feedback(self, outputs, reading)
+
+    def read_feedback(self, inputs, control=None):
+        """The feedback head's pooled reading of whole sequences: `[batch, feedback_dim]` (numpy).
+
+        `inputs`: the backbone's inputs (`token_ids`, `padding_mask`, ...); `control` as for `call`."""
+        head = self._feedback_head_or_raise("read_feedback")
+        x = dict(inputs)
+        if control is not None:
+            x["control"] = self.resolve_control(control)
+        backbone = backbone_of(self)
+        outputs = backbone(x)
+        if backbone is self:
+            return ops.convert_to_numpy(outputs["feedback"])
+        return ops.convert_to_numpy(head(feedback_lib.sequence_output(outputs), padding_mask=x.get("padding_mask")))
+
+    def _feedback_head_or_raise(self, where):
+        if self.feedback_head is None:
+            raise ValueError(
+                f"{where}: this {type(self).__name__} has no feedback head. Add one with "
+                "`keras_biasinject.add_feedback_head(model, FeedbackHead(feedback_dim))` and train it (see the README)."
+            )
+        return self.feedback_head
 
     def get_config(self):
         base_config = with_tied_embeddings(self, super().get_config())
@@ -113,6 +153,7 @@ class InjectedModel:
             "base_config": base_config,
             "injection": self.injection.config.to_dict(),
             "named_controls": {name: list(v) for name, v in self.named_controls.items()},
+            "feedback_head": None if self.feedback_head is None else keras.saving.serialize_keras_object(self.feedback_head),
         }
 
     @classmethod
@@ -126,6 +167,8 @@ class InjectedModel:
         model = inject(base, InjectionConfig.from_dict(config["injection"]))
         for name, vector in config.get("named_controls", {}).items():
             model.add_control(name, vector)
+        if config.get("feedback_head") is not None:
+            feedback_lib.add_feedback_head(model, keras.saving.deserialize_keras_object(config["feedback_head"]))
         return model
 
     def summary(self, *args, **kwargs):
@@ -147,9 +190,24 @@ def _plain(injected_config):
 class InjectedCausalLM(InjectedModel):
     """Adds `control=` to `CausalLM.generate`."""
 
-    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False, control=None):
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False, control=None,
+                 return_feedback=False):
         """`CausalLM.generate` with a control: a vector `[control_dim]` for every prompt, one per
-        prompt `[batch, control_dim]`, or stored names (`"positive"`, `["positive", "negative"]`)."""
+        prompt `[batch, control_dim]`, or stored names (`"positive"`, `["positive", "negative"]`).
+
+        `return_feedback=True` (a model with a feedback head) returns `(outputs, feedback)`: the head's
+        reading of each whole generated sequence, `[batch, feedback_dim]` (`[feedback_dim]` for one
+        prompt), taken from the hidden states the generation loop computed."""
+        if not return_feedback:
+            return self._generate(inputs, max_length, stop_token_ids, strip_prompt, control)
+        self._feedback_head_or_raise("generate(return_feedback=True)")
+        feedback_lib.check_sampler(self)
+        with feedback_lib.feedback_sink() as readings:
+            outputs = self._generate(inputs, max_length, stop_token_ids, strip_prompt, control)
+        feedback = np.concatenate(readings, axis=0)
+        return outputs, (feedback[0] if isinstance(outputs, str) else feedback)
+
+    def _generate(self, inputs, max_length, stop_token_ids, strip_prompt, control):
         control = self.resolve_control(control)
         if control is None or self.preprocessor is None:
             if control is not None:  # no preprocessor: inputs are token dicts; carry the control in them
@@ -173,7 +231,12 @@ class InjectedCausalLM(InjectedModel):
     def generate_step(self, inputs, stop_token_ids=None):
         inputs, control = _split_control(inputs)
         with control_scope(control):
-            return super().generate_step(inputs, stop_token_ids=stop_token_ids)
+            if self.feedback_head is None or type(self.sampler).__call__ is not keras_hub.samplers.Sampler.__call__:
+                return super().generate_step(inputs, stop_token_ids=stop_token_ids)
+            return feedback_lib.generate_step_with_feedback(self, inputs, stop_token_ids=stop_token_ids)
+
+    def make_generate_function(self):
+        return feedback_lib.keep_feedback(super().make_generate_function())
 
 
 def injected_class(base_class):

@@ -11,6 +11,7 @@ import keras_hub
 import numpy as np
 from keras import ops
 
+from keras_biasinject.rewrite.feedback import remove_feedback_head
 from keras_biasinject.rewrite.inject import swap_layer
 from keras_biasinject.rewrite.injected_model import InjectedModel
 
@@ -114,12 +115,14 @@ def merge(model, control=None):
 
 def remove(model):
     """Undoes `inject` in place and returns the base model: same layers, class, trainable flags and
-    outputs as before `inject` (bit for bit). Trained adapter weights are discarded: save them
-    first with `save_adapter` if you want them back."""
+    outputs as before `inject` (bit for bit). Trained adapter weights (and a feedback head) are
+    discarded: save them first with `save_adapter` if you want them back."""
     splices = splices_of(model, "remove")
     merged = [a.path for _, a in splices if a.merged]
     if merged:
         raise ValueError(f"remove: adapter {merged[0]!r} is merged; call its `unmerge()` first.")
+    if getattr(model, "feedback_head", None) is not None:
+        remove_feedback_head(model)  # discarded with the adapters
     for target, adapter in reversed(splices):
         swap_layer(target.parent, target.attr, adapter, target.layer)
     variables, layers = model._kbi_undo.trainable_before
