@@ -5,6 +5,7 @@
     kbi finetune recipes/classify_fine_foods.toml --out runs/cls --strategy mirrored   # all local GPUs
     kbi evaluate runs/cls --control 1 --control 0
     kbi generate smollm2-135m --adapter runs/lm/adapter --prompt "This tea" --control 1
+    kbi loop runs/loop --target 0.8 --turns 20         # closed loop: the model's own readings set its control
     kbi export runs/cls --out serving --name reviews       # serving/reviews/1, for TF Serving
     kbi models
 """
@@ -114,6 +115,28 @@ def cmd_generate(args):
         print(text)
 
 
+def cmd_loop(args):
+    from keras_biasinject.recipes.loop_session import review_prompts, run_loop, write_trace
+    from keras_biasinject.recipes.run_folder import load_run_model
+
+    target = None if args.target is None else parse_control(args.target)
+    if isinstance(target, str):
+        raise ValueError(f"loop: --target takes numbers (comma-separated for several readings). Got {args.target!r}.")
+    for name in ("turns", "prompts"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"loop: --{name} must be at least 1. Got {getattr(args, name)}.")
+    recipe, lm = load_run_model(args.run)
+    if lm.feedback_head is None:
+        raise ValueError(f"loop: the run {args.run!r} has no feedback head. Train one: add method 'feedback_head' and a "
+                         "[feedback] table to the recipe (see recipes/loop_reviews_lm.toml) and run `kbi finetune` again.")
+    lm.compile(sampler="greedy")
+    trace = run_loop(lm, review_prompts(recipe, args.prompts), args.turns, target=target, half_life=args.half_life,
+                     gain=args.gain, max_norm=args.max_norm, max_length=args.max_length)
+    for row in trace:
+        print(f"turn {row['turn']:3d}  control {row['control'][0]:+.3f}  reading {row['reading'][0]:.3f}  {row['texts'][0]!r}")
+    print(f"trace: {write_trace(trace, args.out, None if target is None else target.tolist())} (and .png)")
+
+
 def cmd_export(args):
     from keras_biasinject.export import export_onnx, export_saved_model
     from keras_biasinject.recipes.run_folder import load_model_source
@@ -122,8 +145,9 @@ def cmd_export(args):
     control = parse_control(args.control)
     feedback = None
     if args.feedback_half_life is not None:
+        head = getattr(model, "feedback_head", None)  # a loop feeds the head's readings to feedback_step
         feedback = DecayFeedback(control_dim=model.injection.config.control_dim, half_life=args.feedback_half_life,
-                                 neutral=model.injection.config.neutral)
+                                 feedback_dim=None if head is None else head.feedback_dim, neutral=model.injection.config.neutral)
     path = export_saved_model(model, args.out, args.name, args.version, control=control, feedback=feedback, overwrite=args.overwrite)
     print(f"SavedModel: {path}")
     if args.onnx:
@@ -131,12 +155,17 @@ def cmd_export(args):
 
 
 def cmd_serve(args):
-    from keras_biasinject.serving.app import Limits, serve
+    from keras_biasinject.serving.app import Limits, LoopSettings, serve
 
+    try:
+        target = None if args.loop_target is None else [float(v) for v in args.loop_target.split(",")]
+    except ValueError:
+        raise ValueError(f"serve: --loop-target takes numbers (comma-separated, one per feedback value). Got {args.loop_target!r}.") from None
     store = args.store or str(Path(args.export_dir) / "sessions.sqlite")
     print(f"serving {args.export_dir} on http://{args.host}:{args.port} (sessions: {store})", flush=True)
     serve(args.export_dir, store, host=args.host, port=args.port, source=args.source,
-          limits=Limits(max_batch=args.max_batch, max_sequence=args.max_sequence, max_sessions=args.max_sessions))
+          limits=Limits(max_batch=args.max_batch, max_sequence=args.max_sequence, max_sessions=args.max_sessions),
+          loop=LoopSettings(args.loop, target))
 
 
 def cmd_adapt(args):
@@ -201,6 +230,19 @@ def _add_model_commands(sub):
     p.add_argument("--max-length", type=int, default=64, help="total tokens, prompt included (default 64)")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("loop", help="run a closed-loop session on a run with a feedback head: its readings set the control")
+    p.add_argument("run", help="a run folder whose recipe trained method 'feedback_head' (recipes/loop_reviews_lm.toml)")
+    p.add_argument("--target", help="the reading to steer toward, e.g. 0.8 (feedback = target - reading); "
+                                    "default: feedback = the reading itself")
+    p.add_argument("--turns", type=int, default=20, help="turns (default 20); turn t happens at time t")
+    p.add_argument("--prompts", type=int, default=8, help="held-out review openings continued every turn (default 8)")
+    p.add_argument("--half-life", type=float, default=20.0, help="in turns (default 20)")
+    p.add_argument("--gain", type=float, default=2.0, help="feedback to control (default 2)")
+    p.add_argument("--max-norm", type=float, default=1.5, help="bound on the control's distance from neutral (default 1.5)")
+    p.add_argument("--max-length", type=int, default=40, help="total tokens per text, prompt included (default 40)")
+    p.add_argument("--out", default="loop_trace.json", help="the trace (JSON; the plot goes beside it as .png)")
+    p.set_defaults(func=cmd_loop)
+
 
 def _add_serving_commands(sub):
     p = sub.add_parser("export", help="export a run (or a .keras model) as a SavedModel for TF Serving, optionally ONNX")
@@ -223,6 +265,11 @@ def _add_serving_commands(sub):
     p.add_argument("--max-batch", type=int, default=64, help="examples per predict request (default 64)")
     p.add_argument("--max-sequence", type=int, default=1024, help="tokens per example (default 1024)")
     p.add_argument("--max-sessions", type=int, default=100_000, help="sessions kept (default 100000)")
+    p.add_argument("--loop", choices=["off", "self"], default="off",
+                   help="self: a predict naming a session updates it from the model's own feedback-head reading "
+                        "(requests override with \"loop\"; default off)")
+    p.add_argument("--loop-target", help="steer the reading towards this (comma-separated numbers inside the head's "
+                                         "range): feedback = target - reading; default: feedback = reading")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("adapt", help="ask a running `kbi serve --source` for guarded self-tuning on feedback examples")

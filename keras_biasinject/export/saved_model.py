@@ -6,8 +6,10 @@ keras_hub. Its signatures (`serve`, `serve_named`, `generate`, `feedback_step`) 
 `build_archive` in `endpoints.py`, which describes them. With `control=` fixed at export, the update
 is merged into the weights and `serve` has no `control` input: the base model's cost exactly.
 
-With a `DecayFeedback`, its config and weights are kept in `assets.extra/keras_biasinject.json`
-(TF Serving ignores that folder), so that a server can publish a new version after self-tuning.
+`assets.extra/keras_biasinject.json` (TF Serving ignores that folder) keeps what a server needs
+beyond the signatures: a `DecayFeedback`'s config and weights (so that it can publish a new version
+after self-tuning), and a feedback head's `feedback_dim`, `pooling`, `activation` and reading range
+(so that `kbi serve --loop self` knows there is a reading to steer by and which targets it can reach).
 
 `write_version` publishes the folder with `atomic_dir`, in one rename: an interrupted export leaves
 no version that a server would load, and an existing version is replaced only with `overwrite=True`.
@@ -26,12 +28,15 @@ from keras_biasinject.rewrite.injected_model import InjectedModel
 from keras_biasinject.rewrite.kerashub import preprocessor_detached
 from keras_biasinject.rewrite.merge import merge
 
+METADATA_FILE = "keras_biasinject.json"  # in the version's assets.extra/
+
 
 def export_saved_model(model, base_dir, name="model", version=None, *, control=None, feedback=None, overwrite=False):
     """Exports `model` to `<base_dir>/<name>/<version>/` and returns that path.
 
     Args:
-        model: a KerasHub Task or Backbone, injected or plain.
+        model: a KerasHub Task or Backbone, injected or plain; with a feedback head, `serve` and
+            `generate` also return its reading, `feedback` `[batch, feedback_dim]`.
         base_dir: TF Serving's model base path.
         name: the model name in TF Serving's URLs (`/v1/models/<name>:predict`).
         version: a positive integer; default: one more than the highest there.
@@ -44,9 +49,16 @@ def export_saved_model(model, base_dir, name="model", version=None, *, control=N
     if control is not None:
         if not isinstance(model, InjectedModel):
             raise ValueError("export_saved_model: `control` merges an adapter's update; this model has no adapters (use `inject`).")
+        if model.feedback_head is not None:
+            raise ValueError(
+                f"export_saved_model: `control` merges the update into a plain {model._base_class.__name__}, which cannot "
+                "carry the feedback head. Export without `control` to keep the head's `feedback` output, or take the "
+                "head off first: `head = remove_feedback_head(model)`, export, then `add_feedback_head(model, head)`."
+            )
         model = merge(model, control)
     archive = build_archive(model, feedback)
-    extra = {} if feedback is None else {"keras_biasinject.json": feedback_json(feedback)}
+    metadata = export_metadata(feedback, getattr(model, "feedback_head", None))
+    extra = {METADATA_FILE: json.dumps(metadata)} if metadata else {}
     with preprocessor_detached(model):  # tokenizers need tensorflow-text ops; the export takes token ids
         write_version(archive, final, overwrite=overwrite, extra=extra)
     return str(final)
@@ -86,10 +98,28 @@ def write_version(archive, final, overwrite=False, extra=None):
                 (tmp / "assets.extra" / file_name).write_text(text)
 
 
-def feedback_json(feedback):
-    """A `DecayFeedback`'s config and weights, so that a server can re-export after self-tuning
-    (serving/adapt.py)."""
-    return json.dumps({"feedback": {
-        "config": keras.saving.serialize_keras_object(feedback),
-        "weights": [np.asarray(w).tolist() for w in feedback.get_weights()],
-    }})
+def export_metadata(feedback=None, head=None):
+    """What `METADATA_FILE` holds ({} for neither): "feedback", a `DecayFeedback`'s config and weights,
+    so that a server can re-export after self-tuning (serving/adapt.py); "feedback_head", what a
+    serving loop needs to know of the head (`head_metadata`)."""
+    metadata = {}
+    if feedback is not None:
+        metadata["feedback"] = {
+            "config": keras.saving.serialize_keras_object(feedback),
+            "weights": [np.asarray(w).tolist() for w in feedback.get_weights()],
+        }
+    if head is not None:
+        metadata["feedback_head"] = head_metadata(head)
+    return metadata
+
+
+def head_metadata(head):
+    """A `FeedbackHead`'s width, pooling, activation and reading range `[low, high]` (an open interval;
+    null for an unbounded side, which JSON cannot write as infinity)."""
+    low, high = head.reading_range
+    return {
+        "feedback_dim": head.feedback_dim,
+        "pooling": head.pooling,
+        "activation": head.activation,
+        "reading_range": [None if np.isinf(low) else low, None if np.isinf(high) else high],
+    }

@@ -63,8 +63,10 @@ def _merged_values(adapter, control):
 
 
 def _base_weights(model, splices):
-    """The model's variables minus those the adapters own, in `model.weights` order."""
+    """The model's variables minus those the adapters (and a feedback head) own, in `model.weights` order."""
     owned = {id(v) for _, adapter in splices for v in adapter.own_weights}
+    if getattr(model, "feedback_head", None) is not None:  # a plain KerasHub model has no head to carry it
+        owned.update(id(v) for v in model.feedback_head.weights)
     return [v for v in model.weights if id(v) not in owned]
 
 
@@ -75,6 +77,7 @@ def merge(model, control=None):
     that control (within float rounding), at the base model's cost, and it saves and loads with
     keras_hub alone. At the neutral control with gate "control" it equals the base model exactly.
     The injected model is not changed. Merging needs the base in float: a quantized base raises.
+    A feedback head is left out (the merged model has only the base's outputs).
 
     Args:
         model: a model returned by `inject`.

@@ -5,5 +5,6 @@
 - `rest.py`: request bodies checked and turned into tensors; `Limits`, `BadRequest`.
 - `models.py`: `LoadedExport` (a loaded SavedModel version), `AdaptableModel` (the Keras model behind it).
 - `store.py`: session stores (`SQLiteStore`).
+- `loop.py`: the serving loop (`"loop": "self"`): a session moved by the model's own feedback-head reading.
 - `adapt.py`: `guarded_adapt`, the self-tuning steps kept only if the held-out loss holds.
 """

@@ -61,15 +61,21 @@ def guarded_adapt(model, examples, heldout, *, steps=10, learning_rate=1e-3, max
     _check_settings(model, steps, learning_rate, max_loss_increase, max_steps)
     x, y, w = _arrays(examples, "examples")
     hx, hy, hw = _arrays(heldout, "heldout")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if getattr(model, "feedback_head", None) is not None:  # the model answers {"logits", "feedback"}: the labels are the logits'
+        loss = {"logits": loss}
+        y, hy = {"logits": y}, {"logits": hy}
+        w, hw = (None if v is None else {"logits": v} for v in (w, hw))
 
     frozen = FrozenSnapshot(model)
     saved = [np.array(keras.ops.convert_to_numpy(v)) for v in model.trainable_weights]
     with preprocessor_detached(model):  # the examples are token ids already
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=None)
-        before = model.evaluate(hx, hy, sample_weight=hw, batch_size=len(hy), verbose=0, return_dict=True)["loss"]
-        model.fit(x, y, sample_weight=w, batch_size=len(y), epochs=steps, verbose=0, shuffle=False)
-        after = model.evaluate(hx, hy, sample_weight=hw, batch_size=len(hy), verbose=0, return_dict=True)["loss"]
+        model._compile_metrics = None  # no metrics: a compile that names none keeps earlier ones (Keras)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=None, weighted_metrics=None)
+        n, hn = len(next(iter(x.values()))), len(next(iter(hx.values())))  # full batches
+        before = model.evaluate(hx, hy, sample_weight=hw, batch_size=hn, verbose=0, return_dict=True)["loss"]
+        model.fit(x, y, sample_weight=w, batch_size=n, epochs=steps, verbose=0, shuffle=False)
+        after = model.evaluate(hx, hy, sample_weight=hw, batch_size=hn, verbose=0, return_dict=True)["loss"]
         before, after = float(before), float(after)
         if frozen.changed(model):
             reason = "a frozen base weight changed; this is a bug, please report it"

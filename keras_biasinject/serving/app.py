@@ -4,7 +4,10 @@ Routes (TF Serving's, so its clients work unchanged):
 - `GET  /v1/models/<name>`, `GET /v1/models/<name>/metadata`: status and signatures.
 - `POST /v1/models/<name>:predict`: `{"signature_name"?, "instances": [...]}` (rows) or
   `{"inputs": {...}}` (columns). Ours on top: `"session": id` (and `"timestamp"`) fills a missing
-  `control` input with that session's control, decayed to the request's time.
+  `control` input with that session's control, decayed to the request's time. With `"loop": "self"`
+  (or `kbi serve --loop self`) and an export with a feedback head, the head's reading of the answer
+  also updates the session (`"target"` optional), committed before the answer, which says how
+  under `"loop"` (loop.py).
 Sessions (need an export with a `feedback_step` signature: `kbi export --feedback-half-life`):
 - `POST /v1/sessions/<id>/feedback`: `{"feedback": [...]}` or `{"rating": r}`, `"timestamp"`
   optional (seconds; default now). Acknowledged means committed to the store.
@@ -17,12 +20,15 @@ Every bad request gets a 4xx with `{"error": message}`; the server never answers
 
 `SessionServer` answers them, one method per route. Beside it: `rest.py` (request bodies checked,
 `Limits`, `BadRequest`), `models.py` (`LoadedExport`, `AdaptableModel`), `store.py` (session
-states) and `adapt.py` (the guarded training steps).
+states), `loop.py` (the serving loop's checks and arithmetic) and `adapt.py` (the guarded training
+steps).
 """
 
 import json
+import threading
 import time
 
+import numpy as np
 import tensorflow as tf
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -31,13 +37,26 @@ from starlette.routing import Route
 
 from keras_biasinject.export.saved_model import export_saved_model
 from keras_biasinject.serving.adapt import guarded_adapt
+from keras_biasinject.serving.loop import (
+    LoopSettings, SessionMoved, check_settings, loop_request, mean_reading, self_feedback,
+)
 from keras_biasinject.serving.models import AdaptableModel, LoadedExport, find_version
 from keras_biasinject.serving.rest import (
     BadRequest, Limits, feedback_values, finite_number, input_columns, predict_answer, signature_tensors,
 )
 from keras_biasinject.serving.store import SessionLimitError, SQLiteStore
 
-__all__ = ["BadRequest", "Limits", "SessionServer", "create_app", "find_version", "serve"]
+__all__ = ["BadRequest", "Limits", "LoopSettings", "SessionServer", "create_app", "find_version", "serve"]
+
+LOOP_ATTEMPTS = 5  # a loop request whose session another update moved meanwhile runs again, this often at most
+
+
+class PredictJSON(JSONResponse):
+    """JSON with NaN and Infinity written as such, as TF Serving's REST API writes them (a model's output
+    may hold them; a loop answer says then that the session was not updated)."""
+
+    def render(self, content):
+        return json.dumps(content, ensure_ascii=False, allow_nan=True, separators=(",", ":")).encode("utf-8")
 
 
 def error_response(error):
@@ -55,14 +74,17 @@ def answer(work, *args):
 
 class SessionServer:
     """What the routes share, and one method per route: the served `LoadedExport`, the session
-    store, the limits, the clock and, with `--source`, the `AdaptableModel` behind `:adapt`."""
+    store, the limits, the clock, with `--source` the `AdaptableModel` behind `:adapt`, and the
+    loop's defaults."""
 
-    def __init__(self, export, store, limits, clock, adaptable=None):
+    def __init__(self, export, store, limits, clock, adaptable=None, loop=None):
         self.export = export  # swapped whole when `:adapt` publishes a version; requests in flight keep theirs
         self.store = store  # a `SessionStore`: per session, the state after its last update, and when
         self.limits = limits  # a `Limits`
         self.clock = clock  # () -> seconds: the time of a request that sends no timestamp
         self.adaptable = adaptable  # an `AdaptableModel`, or None: `:adapt` answers 400
+        self.loop = check_settings(export, loop or LoopSettings())  # `kbi serve --loop`, `--loop-target`
+        self.loop_locks = [threading.Lock() for _ in range(64)]  # loop requests of one session take turns here
 
     def routes(self):
         return [
@@ -119,18 +141,71 @@ class SessionServer:
             raise BadRequest(f"unknown signature_name {signature!r}; choose from {sorted(set(export.signatures) - {'feedback_step'})}.")
         specs = export.specs[signature]
         columns, rows = input_columns(body, specs)
+        loop = loop_request(body, self.loop, export, signature, specs, columns, self.clock)
+        if loop is not None:
+            return self.predict_in_loop(export, signature, columns, rows, loop)
         if "session" in body and "control" in specs and "control" not in columns:
             at = finite_number(body.get("timestamp", self.clock()), "timestamp")
             session_id = str(body["session"])
             sessions = self.export_with_sessions(export)
             _, control = self.decay(sessions, session_id, self.store.get(session_id), at)
             columns["control"] = [control] * len(next(iter(columns.values())))
-        tensors = signature_tensors(signature, specs, columns, self.limits)
+        outputs = self.run(export, signature, columns)
+        return predict_answer({k: v.tolist() for k, v in outputs.items()}, rows)
+
+    def run(self, export, signature, columns):
+        """{output name: numpy array}: `signature` of `export` on the checked `columns`."""
+        tensors = signature_tensors(signature, export.specs[signature], columns, self.limits)
         try:
-            outputs = {k: v.numpy().tolist() for k, v in export.signatures[signature](**tensors).items()}
+            return {k: v.numpy() for k, v in export.signatures[signature](**tensors).items()}
         except (tf.errors.InvalidArgumentError, ValueError) as error:
             raise BadRequest(f"the model refused the inputs: {str(error).splitlines()[0][:300]}") from None
-        return predict_answer(outputs, rows)
+
+    def predict_in_loop(self, export, signature, columns, rows, loop):
+        """A predict that updates its session from the head's reading (loop.py), committed before the
+        answer. The model runs outside the store's write lock; the update is stored only if the session
+        is still as the request read it, otherwise the request runs again with the session's new control."""
+        with self.loop_locks[hash(loop.session_id) % len(self.loop_locks)]:  # this server's requests of one session in turn
+            for _ in range(LOOP_ATTEMPTS):
+                try:
+                    return self.loop_once(export, signature, columns, rows, loop)
+                except SessionMoved:  # an external rating (or another replica) came in meanwhile
+                    continue
+        raise BadRequest(f"session {loop.session_id!r} was updated {LOOP_ATTEMPTS} times while this loop request ran; "
+                         "send it again.", 409)
+
+    def loop_once(self, export, signature, columns, rows, loop):
+        """One try of `predict_in_loop`: the answer, with the session's update (or why there was none)."""
+        session_id, at = loop.session_id, loop.at
+        seen = self.store.get(session_id)
+        state, control = self.decay(export, session_id, seen, at)
+        columns["control"] = [control] * len(next(iter(columns.values())))
+        outputs = self.run(export, signature, columns)
+        reading = mean_reading(outputs, signature)  # (F,)
+        report = {"session": session_id, "control_used": control, "reading": reading.tolist(), "target": loop.target}
+        if np.all(np.isfinite(reading)):
+            feedback = self_feedback(reading, loop.target).tolist()
+            try:
+                stored = self.store.update(
+                    session_id, lambda current: self.loop_step(export, seen, current, loop, feedback), self.limits.max_sessions)
+            except SessionLimitError as error:
+                raise BadRequest(str(error), 429) from None
+            state, (_, control) = stored[0], self.decay(export, session_id, stored, at)  # the new state and its control
+            report.update(feedback=feedback, updated=True, skipped=None, updated_at=stored[1], updates=stored[2])
+        else:
+            report.update(feedback=None, updated=False, skipped=f"the reading {reading.tolist()} is not finite, so the "
+                          "session was not updated", updated_at=None if seen is None else seen[1],
+                          updates=0 if seen is None else seen[2])
+        answer_ = predict_answer({k: v.tolist() for k, v in outputs.items()}, rows)
+        return {**answer_, "loop": {**report, "state": state, "control": control}}
+
+    def loop_step(self, export, seen, current, loop, feedback):
+        """The store update of a loop request: (state, time) after `feedback` at the request's time, if
+        the session is still `seen` (what the request's control came from); SessionMoved otherwise."""
+        if current != seen:
+            raise SessionMoved(loop.session_id)
+        new_state, _ = self.decay(export, loop.session_id, current, loop.at, feedback)
+        return new_state, loop.at
 
     def adapt(self, name, body):
         export = self.export_named(name)
@@ -218,7 +293,7 @@ class SessionServer:
         except BadRequest as error:
             return error_response(error)
         try:
-            return JSONResponse(await run_in_threadpool(work, body))
+            return PredictJSON(await run_in_threadpool(work, body))
         except BadRequest as error:
             return error_response(error)
         except Exception as error:
@@ -244,18 +319,20 @@ class SessionServer:
         return body
 
 
-def create_app(export_dir, store_path, limits=None, clock=time.time, source=None):
+def create_app(export_dir, store_path, limits=None, clock=time.time, source=None, loop=None):
     """The Starlette app that serves `export_dir` (`<base>/<name>` or one version folder), with its
     sessions in the SQLite file `store_path` and, given `source` (the run folder or .keras file behind
-    the export), `:adapt`. `clock` gives the time of requests that send none."""
+    the export), `:adapt`. `clock` gives the time of requests that send none; `loop` (a `LoopSettings`)
+    the serving loop's defaults, checked against the export here (ValueError)."""
     export = LoadedExport(export_dir)
     store = SQLiteStore(store_path)
     adaptable = None if source is None else AdaptableModel(source)
-    return Starlette(routes=SessionServer(export, store, limits or Limits(), clock, adaptable).routes())
+    return Starlette(routes=SessionServer(export, store, limits or Limits(), clock, adaptable, loop).routes())
 
 
-def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, source=None):
+def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, source=None, loop=None):
     """Runs the server until interrupted (binds loopback unless `host` says otherwise)."""
     import uvicorn  # lazy: only `serve` runs a server; `create_app` (tests, other ASGI servers) needs no uvicorn
 
-    uvicorn.run(create_app(export_dir, store_path, limits, source=source), host=host, port=port, log_level="warning")
+    app = create_app(export_dir, store_path, limits, source=source, loop=loop)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -28,8 +28,9 @@ def find_version(export_dir):
 
 class LoadedExport:
     """One version of a SavedModel export (`<base>/<name>/<version>/`, see `find_version`), loaded
-    with `tf.saved_model.load`: its signatures and their input specs, and the widths its
-    `feedback_step` signature gives sessions (`control_dim`, `feedback_dim`; None without one)."""
+    with `tf.saved_model.load`: its signatures and their input specs, the widths its `feedback_step`
+    signature gives sessions (`control_dim`, `feedback_dim`; None without one) and what
+    `export_saved_model` wrote beside it (`extra`; `head`, the feedback head's description)."""
 
     def __init__(self, export_dir):
         self.name, self.version, self.path = find_version(export_dir)
@@ -39,6 +40,10 @@ class LoadedExport:
         feedback = self.specs.get("feedback_step")
         self.control_dim = int(feedback["state"].shape[-1]) if feedback else None
         self.feedback_dim = int(feedback["feedback"].shape[-1]) if feedback else None
+        path = self.path / "assets.extra" / "keras_biasinject.json"
+        self.extra = json.loads(path.read_text()) if path.is_file() else {}
+        # {"feedback_dim", "pooling", "activation", "reading_range": [low, high] (null: unbounded)} or None
+        self.head = self.extra.get("feedback_head")
 
     def feedback_step(self, state, feedback, elapsed):
         """(new state, control) after `elapsed` seconds of decay from `state` and then `feedback`."""
@@ -65,10 +70,9 @@ class LoadedExport:
     def feedback_layer(self):
         """The `DecayFeedback` layer kept beside this version (`assets.extra/keras_biasinject.json`,
         written by `export_saved_model`), or None; a version published by `:adapt` keeps it."""
-        path = self.path / "assets.extra" / "keras_biasinject.json"
-        if not path.is_file():
+        data = self.extra.get("feedback")
+        if data is None:
             return None
-        data = json.loads(path.read_text())["feedback"]
         layer = keras.saving.deserialize_keras_object(data["config"])
         if not layer.built:
             layer.build()

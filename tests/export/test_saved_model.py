@@ -12,8 +12,9 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from keras_biasinject import DecayFeedback, inject
+from keras_biasinject import DecayFeedback, FeedbackHead, add_feedback_head, inject, remove_feedback_head
 from keras_biasinject.export import export_saved_model, next_version
 from tests.rewrite.tiny_models import BATCH, TINY, VOCAB, V, gpt2, out, tokens, train
 
@@ -124,6 +125,94 @@ def test_merged_control_and_classifier_probabilities(lm, tmp_path):
     shown = subprocess.run(["saved_model_cli", "show", "--dir", merged_path, "--tag_set", "serve", "--signature_def", "serve"],
                            capture_output=True, text=True, timeout=120).stdout
     assert "inputs['token_ids']" in shown and "control" not in shown  # merged: the base's inputs only
+
+
+def metadata_of(path):
+    file = os.path.join(path, "assets.extra", "keras_biasinject.json")
+    return json.loads(open(file).read()) if os.path.isfile(file) else None
+
+
+def test_a_feedback_head_adds_feedback_to_serve_and_generate_and_changes_nothing_else(tmp_path):
+    model = inject(keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None), rank=4, control_dim=2)
+    train(model, {**tokens(), "control": np.random.default_rng(0).normal(size=(BATCH, 2)).astype("float32")})
+    model.add_control("positive", [1.0, 0.5])
+    feedback = DecayFeedback(control_dim=2, feedback_dim=1, half_life=10.0)
+    plain_path = export_saved_model(model, tmp_path, "plain", feedback=feedback)
+    add_feedback_head(model, FeedbackHead(1))
+    path = export_saved_model(model, tmp_path, "head", feedback=feedback)
+
+    x = tokens(seed=4)
+    x["padding_mask"][0, 5:] = 0  # right padding: "last" pooling reads token 4 of row 0
+    c = np.random.default_rng(5).normal(size=(BATCH, 2)).astype("float32")
+    prompt = tokens(batch=2)
+    prompt["padding_mask"][:, 3:] = 0  # 3 prompt tokens, 5 to generate
+    gc = c[:2]
+    requests = [["serve", request(x, control=(c, "float32"))],
+                ["serve_named", request(x, control_name=(["positive"] * BATCH, "str"))],
+                ["generate", request(prompt, control=(gc, "float32"))]]
+    served, named, generated = run_tf_only(tmp_path, path, requests)  # TensorFlow alone, head included
+    plain = tf.saved_model.load(plain_path).signatures
+    plain_served = plain["serve"](**{k: tf.constant(v["value"], v["dtype"]) for k, v in requests[0][1].items()})
+    plain_generated = plain["generate"](**{k: tf.constant(v["value"], v["dtype"]) for k, v in requests[2][1].items()})
+
+    # The head's output is added; the model's own outputs are those of the export without it, bit for bit.
+    assert sorted(served) == ["feedback", "logits"] and sorted(plain_served) == ["logits"]
+    assert np.array_equal(served["logits"], plain_served["logits"].numpy())
+    assert np.array_equal(generated["token_ids"], plain_generated["token_ids"].numpy())
+    np.testing.assert_allclose(served["logits"], keras.ops.convert_to_numpy(model({**x, "control": c})["logits"]), rtol=1e-5, atol=1e-5)
+    # serve: the head's per-token readings pooled over the padding mask, as the Keras model reads them.
+    assert served["feedback"].shape == (BATCH, 1)
+    np.testing.assert_allclose(served["feedback"], model.read_feedback(x, control=c), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(named["feedback"], model.read_feedback(x, control="positive"), rtol=0, atol=1e-6)
+    # generate: the reading of each finished sequence, as `generate(return_feedback=True)` gives it.
+    model.compile(sampler="greedy")
+    tokens_keras, reading = model.generate(dict(prompt), stop_token_ids=None, control=gc, return_feedback=True)
+    assert np.array_equal(generated["token_ids"], keras.ops.convert_to_numpy(tokens_keras["token_ids"]))
+    np.testing.assert_allclose(generated["feedback"], reading, rtol=0, atol=1e-6)
+
+    assert metadata_of(path)["feedback_head"] == {"feedback_dim": 1, "pooling": "last", "activation": "sigmoid",
+                                                  "reading_range": [0.0, 1.0]}
+    assert sorted(metadata_of(plain_path)) == ["feedback"]  # no head: the metadata as before
+    assert metadata_of(path)["feedback"] == metadata_of(plain_path)["feedback"]
+
+    model.compile(sampler="beam")  # its own search loop: no hidden states to read
+    with pytest.raises(ValueError, match="BeamSampler runs its own search loop.*compile\\(sampler='greedy'\\)"):
+        export_saved_model(model, tmp_path, "beam")
+    assert not (tmp_path / "beam").exists()
+    remove_feedback_head(model)
+
+
+def test_a_classifier_head_reads_pooled_and_merging_asks_to_take_it_off(tmp_path):
+    cls, kwargs, extra, task = TINY["BERT"]
+    keras.utils.set_random_seed(0)
+    clf = inject(getattr(keras_hub.models, task)(backbone=getattr(keras_hub.models, cls)(**kwargs), num_classes=3, preprocessor=None),
+                 rank=2, trainable=["logits"])
+    plain_path = export_saved_model(clf, tmp_path, "plain")
+    plain = tf.saved_model.load(plain_path).signatures["serve"]
+    add_feedback_head(clf, FeedbackHead(2, pooling="first", activation="linear"))
+    path = export_saved_model(clf, tmp_path, "head")
+    rng = np.random.default_rng(1)
+    x = {"token_ids": rng.integers(1, V, (2, 7)), "padding_mask": np.ones((2, 7), "int32"), "segment_ids": np.zeros((2, 7), "int32")}
+    c = np.array([[0.7], [-0.2]], "float32")
+    args = {**{k: tf.constant(v, tf.int32) for k, v in x.items()}, "control": tf.constant(c)}
+    served, before = tf.saved_model.load(path).signatures["serve"](**args), plain(**args)
+    assert sorted(served) == ["feedback", "logits", "probabilities"]
+    for key in ("logits", "probabilities"):
+        assert np.array_equal(served[key].numpy(), before[key].numpy())
+    np.testing.assert_allclose(served["feedback"].numpy(), clf.read_feedback(x, control=c), rtol=0, atol=1e-6)
+    assert metadata_of(path) == {"feedback_head": {"feedback_dim": 2, "pooling": "first", "activation": "linear",
+                                                   "reading_range": [None, None]}}  # unbounded: null, not Infinity
+    assert metadata_of(plain_path) is None  # no head, no DecayFeedback: no metadata file, as before
+
+    with pytest.raises(ValueError, match="plain BertTextClassifier, which cannot carry the feedback head. Export without `control`"):
+        export_saved_model(clf, tmp_path, "merged", control=[1.0])
+    assert not (tmp_path / "merged").exists()
+    reading = clf.read_feedback(x, control=c)
+    head = remove_feedback_head(clf)  # the fix the error gives
+    merged = export_saved_model(clf, tmp_path, "merged", control=[1.0])
+    add_feedback_head(clf, head)
+    assert sorted(tf.saved_model.load(merged).signatures["serve"].structured_outputs) == ["logits", "probabilities"]
+    assert np.array_equal(clf.read_feedback(x, control=c), reading)  # the head is back as it was
 
 
 def test_versions_are_never_overwritten_silently(lm, tmp_path):

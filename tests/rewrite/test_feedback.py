@@ -249,3 +249,20 @@ def test_loop_bad_inputs_leave_the_session_unchanged():
     with pytest.raises(ValueError, match="finite number"):
         loop.generate(prompts(), at=float("nan"), stop_token_ids=None)
     assert np.array_equal(loop.state, state) and loop.history == history
+
+
+def test_merge_and_guarded_adapt_work_on_a_model_with_a_head(trained):
+    from keras_biasinject import merge
+    from keras_biasinject.serving.adapt import guarded_adapt
+
+    lm, x, base_logits, _, _ = trained
+    plain = merge(lm)  # the neutral control, folded: the base model, without the head
+    assert type(plain) is keras_hub.models.LlamaCausalLM and np.array_equal(np_out(plain(x)), base_logits)
+    head_before = snapshot(lm)
+    examples = {**{k: v[:2] for k, v in x.items()}, "control": np.ones((2, 1), "float32"), "labels": x["token_ids"][:2]}
+    heldout = {**{k: v[2:] for k, v in x.items()}, "control": np.ones((2, 1), "float32"), "labels": x["token_ids"][2:]}
+    result = guarded_adapt(lm, examples, heldout, steps=2, learning_rate=1e-3, max_loss_increase=10.0)
+    assert result.accepted and np.isfinite(result.loss_after)
+    after = snapshot(lm)
+    assert all(np.array_equal(after[p], head_before[p]) for p in after if p.startswith("feedback_head/"))  # logits' loss only
+    assert np.array_equal(np_out(lm({**x, "control": np.zeros((4, 1), "float32")})["logits"]), base_logits)
