@@ -7,6 +7,7 @@ A recipe is a TOML (or YAML) file with four tables, each a small dataclass below
     [data]    path or TFDS name, columns, control mapping       -> keras_biasinject.data.DataConfig
     [inject]  targets, rank, gate, ...                          -> keras_biasinject.InjectionConfig
     [train]   epochs, batch size, learning rate, methods, ...
+    [feedback] the feedback head (method "feedback_head", causal_lm): pooling, activation, ...
 
 Unknown keys and bad values raise `ValueError` naming the table, the key and what is allowed.
 """
@@ -29,8 +30,9 @@ else:  # pragma: no cover - Python 3.10
 TASKS = ("classification", "causal_lm")
 # Control groups and our method. "base": the frozen base (plus a trained head for classification;
 # zero-shot for the LM); "keras_lora": KerasHub's `enable_lora` at the same rank and targets;
-# "full": every weight trains (slow, opt-in); "bias_injection": this package.
-METHODS = ("base", "keras_lora", "full", "bias_injection")
+# "full": every weight trains (slow, opt-in); "bias_injection": this package; "feedback_head": after
+# bias_injection, a feedback head on its model (adapters frozen) that learns to read the label.
+METHODS = ("base", "keras_lora", "full", "bias_injection", "feedback_head")
 
 
 @dataclasses.dataclass
@@ -65,6 +67,19 @@ class SteerConfig:
     positive_label: int = 0  # the judge's class id for "positive" (Fine Foods: 0 = great)
 
 
+@dataclasses.dataclass
+class FeedbackConfig:
+    """The feedback head that method "feedback_head" trains: it learns to read, from the text alone, the
+    label each example's control stands for (sigmoid: P(control > neutral)), while the control it runs
+    under is drawn at random, so that it reads the text and not the control."""
+
+    pooling: str = "last"  # the reading of a text: at its last token ("last"), or the mean over tokens ("mean")
+    activation: str = "sigmoid"  # "sigmoid": P(positive), binary cross-entropy; "tanh"/"linear": the control value, MSE
+    control_jitter: float = 1.0  # while the head trains, each example's control is uniform in neutral +- this
+    epochs: int = 1  # passes over the training examples (the batch size and limits are [train]'s)
+    learning_rate: float = 1e-3  # peak of the same schedule as [train]'s
+
+
 def _build(cls, table, values):
     if values is None:
         return cls()
@@ -89,6 +104,7 @@ class Recipe:
     inject: InjectionConfig = dataclasses.field(default_factory=InjectionConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     steer: SteerConfig = dataclasses.field(default_factory=SteerConfig)  # causal_lm: the steering curve
+    feedback: Optional[FeedbackConfig] = None  # the head method "feedback_head" trains; None: no head
     name: str = "recipe"  # used in report titles
 
     def __post_init__(self):
@@ -113,7 +129,32 @@ class Recipe:
                 f"recipe: [train] methods must be distinct names from {list(METHODS)}. Got methods={methods!r}."
             )
         self.train.methods = methods
+        self._check_feedback(methods)
         self._check_numbers()
+
+    def _check_feedback(self, methods):
+        from keras_biasinject.layers.feedback_head import ACTIVATIONS, POOLINGS
+
+        if self.feedback is not None:
+            self.feedback = _build(FeedbackConfig, "feedback", self.feedback)
+        wants_head = "feedback_head" in methods
+        if wants_head and (self.task != "causal_lm" or self.feedback is None):
+            raise ValueError("recipe: method 'feedback_head' needs task='causal_lm' and a [feedback] table (pooling, "
+                             "activation, ...): add one, or remove the method.")
+        if wants_head and ("bias_injection" not in methods or methods.index("bias_injection") > methods.index("feedback_head")):
+            raise ValueError(f"recipe: method 'feedback_head' reads the model 'bias_injection' trains: list that method "
+                             f"before it. Got methods={methods!r}.")
+        if self.feedback is None:
+            return
+        fb = self.feedback
+        if fb.pooling not in ("last", "mean") or fb.activation not in ACTIVATIONS:
+            raise ValueError(f"recipe: [feedback] pooling must be 'last' or 'mean' (of {list(POOLINGS)}) and activation one "
+                             f"of {list(ACTIVATIONS)}. Got pooling={fb.pooling!r}, activation={fb.activation!r}.")
+        check_positive_int(fb.epochs, "epochs", "recipe: [feedback]")
+        check_positive_number(fb.learning_rate, "learning_rate", "recipe: [feedback]")
+        j = fb.control_jitter
+        if isinstance(j, bool) or not isinstance(j, (int, float)) or not 0 <= j < float("inf"):
+            raise ValueError(f"recipe: [feedback] control_jitter must be a number >= 0. Got control_jitter={j!r}.")
 
     def _check_numbers(self):
         train, model = self.train, self.model
@@ -149,6 +190,7 @@ class Recipe:
             "inject": self.inject.to_dict(),
             "train": dataclasses.asdict(self.train),
             "steer": dataclasses.asdict(self.steer),
+            "feedback": None if self.feedback is None else dataclasses.asdict(self.feedback),
         }
 
 

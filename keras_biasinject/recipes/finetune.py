@@ -21,6 +21,7 @@ from keras_biasinject.distribute.resume import fit_resumable
 from keras_biasinject.distribute.strategy import is_chief, make_strategy, per_replica_batch
 from keras_biasinject.distribute.workarounds import keras_fixes
 from keras_biasinject.recipes.config import Recipe
+from keras_biasinject.recipes.feedback_head import run_feedback_head
 from keras_biasinject.recipes.datasets import compile_for_recipe, control_vector, score, split_dataset, with_control
 from keras_biasinject.recipes.methods import PREPARE
 from keras_biasinject.recipes.report import write_plots
@@ -159,6 +160,9 @@ def _start_report(recipe, run_dir):
 
 def _keep_outputs(recipe, method, model, run_dir, report):
     """What a finished bias injection leaves: its adapter, the judge (classification), the steering curve."""
+    if method == "feedback_head":
+        save_adapter(model, run_dir / "adapter", overwrite=True)  # the same adapters, now with the head
+        return
     if method != "bias_injection":
         return
     save_adapter(model, run_dir / "adapter", overwrite=True)
@@ -183,8 +187,11 @@ def finetune(recipe, out_dir, verbose=1, strategy="default"):
     report = _start_report(recipe, run_dir)
     done = {row["method"] for row in report["results"]}
     for method in [m for m in recipe.train.methods if m not in done]:
-        rows, history, model = run_method(recipe, method, run_dir, verbose=verbose, strategy=strategy,
-                                          backup_dir=Path(out_dir) / "backup" / method)  # the chief's: shared
+        if method == "feedback_head":  # the head on bias_injection's model (one device; a small fit)
+            rows, history, model = run_feedback_head(recipe, run_dir, verbose=verbose)
+        else:
+            rows, history, model = run_method(recipe, method, run_dir, verbose=verbose, strategy=strategy,
+                                              backup_dir=Path(out_dir) / "backup" / method)  # the chief's: shared
         _keep_outputs(recipe, method, model, run_dir, report)
         report["results"] += rows
         report["history"][method] = history

@@ -39,7 +39,7 @@ def kbi(*args, timeout=600):
 
 
 def test_every_command_has_help(capsys):
-    for command in ["finetune", "demo", "evaluate", "generate", "export", "serve", "adapt", "models"]:
+    for command in ["finetune", "demo", "evaluate", "generate", "loop", "export", "serve", "adapt", "models"]:
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([command, "--help"])
         assert exit_info.value.code == 0
@@ -199,3 +199,33 @@ def test_lm_recipe_steers_and_its_neutral_control_is_the_base(classify_run, tmp_
     assert steering["neutral_equals_base"] is True  # gate "control": control 0 generates the base's text
     assert steering["positive_share"][1] == steering["base_positive_share"]
     assert (run / "steering.png").stat().st_size > 1000
+
+
+LOOP = STEER.split("[steer]")[0].replace('methods = ["base", "bias_injection"]', 'methods = ["bias_injection", "feedback_head"]') + """
+[feedback]
+control_jitter = 1.0
+"""
+
+
+@pytest.mark.slow
+def test_loop_recipe_trains_a_head_and_kbi_loop_runs_a_session(tmp_path):
+    recipe = tmp_path / "loop.toml"
+    recipe.write_text(LOOP.format())
+    run = tmp_path / "run"
+    result = kbi("finetune", str(recipe), "--out", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads((run / "report.json").read_text())["results"]}
+    heads = [m for m in rows if m.startswith("feedback_head")]
+    assert len(heads) == 3 and all(0.0 <= rows[m]["value"] <= 1.0 and rows[m]["trainable_params"] == 577 for m in heads)
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["feedback_head"]["config"]["pooling"] == "last"
+    result = kbi("loop", str(run), "--target", "0.7", "--turns", "2", "--prompts", "2", "--max-length", "12",
+                 "--out", str(tmp_path / "trace.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    first, second = trace["turns"]
+    assert trace["target"] == [pytest.approx(0.7)] and first["control"] == [0.0]  # a session starts neutral
+    expected = 2.0 * (0.7 - first["reading"][0]) * 2 ** (-1 / 20)  # gain x error, one turn of a 20-turn half-life
+    assert second["control"] == [pytest.approx(max(-1.5, min(1.5, expected)), abs=1e-5)]  # within max_norm
+    assert (tmp_path / "trace.png").stat().st_size > 1000
+    result = kbi("loop", str(run), "--target", "1.5", "--turns", "1")
+    assert result.returncode == 2 and "inside the head's reading range (0.0, 1.0)" in result.stderr

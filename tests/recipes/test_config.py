@@ -15,6 +15,7 @@ control_map = { great = 1.0, other = 1.0 }
 [train]
 epochs = 1
 """
+LM = GOOD.replace('task = "classification"', 'task = "causal_lm"').replace('"minilm-l6"', '"smollm2-135m"')
 
 
 def write(tmp_path, text, name="r.toml"):
@@ -28,7 +29,8 @@ def test_the_shipped_recipes_load():
 
     folder = pathlib.Path(__file__).resolve().parents[2] / "recipes"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["classify_fine_foods.toml", "my_data.yaml", "steer_reviews_lm.toml", "steer_reviews_strong.toml"]
+    assert names == ["classify_fine_foods.toml", "loop_reviews_lm.toml", "my_data.yaml", "steer_reviews_lm.toml",
+                     "steer_reviews_strong.toml"]
     classify = load_recipe(folder / "classify_fine_foods.toml")
     assert classify.task == "classification" and classify.train.methods == ["base", "keras_lora", "bias_injection"]
     steer = load_recipe(folder / "steer_reviews_lm.toml")
@@ -36,6 +38,10 @@ def test_the_shipped_recipes_load():
     assert steer.steer.judge == "runs/classify"
     strong = load_recipe(folder / "steer_reviews_strong.toml")
     assert strong.inject.targets == "all-linear" and strong.train.max_train_examples == 1024 and strong.steer.judge is None
+    loop = load_recipe(folder / "loop_reviews_lm.toml")
+    assert loop.train.methods == ["bias_injection", "feedback_head"] and loop.feedback.control_jitter == 1.5
+    assert {k: v for k, v in loop.to_dict().items() if k not in ("name", "train", "feedback")} == {
+        k: v for k, v in strong.to_dict().items() if k not in ("name", "train", "feedback")}  # recipe 3 plus the head
     mine = load_recipe(folder / "my_data.yaml")
     assert mine.name == "my_data" and mine.train.epochs == 3
 
@@ -54,7 +60,7 @@ def test_overrides_and_round_trip(tmp_path):
     [
         (GOOD.replace("epochs = 1", "epoch = 1"), r"unknown key\(s\) \['epoch'\] in \[train\]. Allowed keys: \[.*'epochs'"),
         (GOOD.replace('task = "classification"', 'task = "regression"'), r"task must be one of \['classification', 'causal_lm'\]. Got task='regression'"),
-        (GOOD + 'methods = ["base", "lora"]\n', r"methods must be distinct names from \['base', 'keras_lora', 'full', 'bias_injection'\]. Got methods=\['base', 'lora'\]"),
+        (GOOD + 'methods = ["base", "lora"]\n', r"methods must be distinct names from \['base', 'keras_lora', 'full', 'bias_injection', 'feedback_head'\]. Got methods=\['base', 'lora'\]"),
         (GOOD.replace("epochs = 1", "epochs = 0"), r"\[train\]: `epochs` must be a positive integer. Got epochs=0"),
         (GOOD.replace("epochs = 1", "learning_rate = -1"), r"\[train\]: `learning_rate` must be a positive number. Got learning_rate=-1"),
         (GOOD.replace("epochs = 1", 'save_freq = "step"'), r'\[train\]: `save_freq` must be "epoch" or a positive number of steps. Got save_freq=.step.'),
@@ -63,6 +69,12 @@ def test_overrides_and_round_trip(tmp_path):
         (GOOD + '[inject]\nrank = "8"\n', r"\[inject\] InjectionConfig: `rank` must be a positive integer. Got rank='8'"),
         (GOOD + "[steer]\njudge = 'x'\n", r"\[steer\] is for task='causal_lm'"),
         ("stray = 1\n" + GOOD, r"unknown key\(s\) \['stray'\] at the top of"),
+        (GOOD + 'methods = ["bias_injection", "feedback_head"]\n[feedback]\n', r"'feedback_head' needs task='causal_lm'"),
+        (LM + 'methods = ["bias_injection", "feedback_head"]\n', r"'feedback_head' needs .* a \[feedback\] table"),
+        (LM + 'methods = ["feedback_head", "bias_injection"]\n[feedback]\n', r"list that method before it"),
+        (LM + 'methods = ["bias_injection", "feedback_head"]\n[feedback]\npooling = "max"\n', r"\[feedback\] pooling must be .* Got pooling='max'"),
+        (LM + 'methods = ["bias_injection", "feedback_head"]\n[feedback]\ncontrol_jitter = -1\n', r"control_jitter must be a number >= 0. Got control_jitter=-1"),
+        (LM + '[feedback]\nheads = 2\n', r"unknown key\(s\) \['heads'\] in \[feedback\]"),
         ("task = [", r"is not valid TOML"),
     ],
 )
