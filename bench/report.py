@@ -7,6 +7,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 STEER_START, STEER_END = "<!-- steering-compare:start -->", "<!-- steering-compare:end -->"
+LOOP_START, LOOP_END = "<!-- closed-loop:start -->", "<!-- closed-loop:end -->"
 
 
 def load(name):
@@ -67,6 +68,13 @@ def table():
             f"fluency: ours {span(g['ours_span_within_fluency_limit'])}, steering vector {span(g['steering_vector_span_within_fluency_limit'])}; "
             f"prompting swing {g['prompting_swing']:.2f}, ours {(g['ours_swing'] or 0.0):.2f} | <= 0.2 to >= 0.8 at <= 1.2x fluency; "
             f"swing >= prompting's | `python bench/steering_compare.py` |")
+    if (r := load("closed_loop")):
+        t, h = r["summary"]["targets"], r["head"]
+        tracked = ", ".join(f"target {v['target']:.2f}: {v['closed_mean_share']:.2f}" for v in t.values())
+        lines.append(
+            f"| closed loop, {r['lm']} (own feedback head; last 10 of {r['turns']} turns x {r['prompts_per_turn']}; table and plot below) "
+            f"| {tracked}; open loop neutral {r['summary']['open_loop_neutral_share']:.2f}; head agrees with the judge on "
+            f"{h['agreement_with_judge']:.2f} of 128 | within 0.1 of each target | `python bench/closed_loop.py` |")
     if (r := load("size")):
         for name, m in r["models"].items():
             lines.append(
@@ -94,6 +102,33 @@ def steering_table():
     return "\n".join(lines)
 
 
+def loop_table():
+    """bench/closed_loop.py: set-point tracking against the open loop and the oracle, decay, a too-high gain."""
+    r = load("closed_loop")
+    if r is None:
+        return ""
+    s = r["summary"]
+    lines = ["| session (last 10 turns, 160 generations each) | target | share judged positive (95% CI) | mean control | mean head reading |",
+             "|---|---|---|---|---|",
+             f"| open loop, neutral control | | {s['open_loop_neutral_share']:.2f} | 0 | |"]
+    for name, v in s["targets"].items():
+        lo, hi = v["closed_wilson_95"]
+        olo, ohi = v["oracle_wilson_95"]
+        lines.append(f"| closed loop ({name}) | {v['target']:.2f} | {v['closed_mean_share']:.2f} ({lo:.2f}-{hi:.2f}) | "
+                     f"{v['closed_mean_control']:+.2f} | {v['closed_mean_reading']:.2f} |")
+        lines.append(f"| oracle: fixed control from the steering curve ({name}) | {v['target']:.2f} | {v['oracle_mean_share']:.2f} "
+                     f"({olo:.2f}-{ohi:.2f}) | {v['oracle_control']:+.2f} | |")
+    h, d, u = r["head"], s["decay"], s["unstable_gain"]
+    held = "; ".join(f"{row['method'].split('(')[1].rstrip(')')}: {row['value']:.2f}" for row in h["held_out_reviews"])
+    lines += ["", f"Head: agrees with the judge on {h['agreement_with_judge']:.2f} of {h['generations']} generations "
+              f"(95% CI {h['agreement_wilson_95'][0]:.2f}-{h['agreement_wilson_95'][1]:.2f}), AUC {h['auc_against_judge']:.2f}; "
+              f"accuracy on held-out reviews at control {held}. Decay (half-life {r['decay']['half_life']:g} turns, no feedback): "
+              f"measured half-life {d['measured_half_life']:.3f} turns (error {100 * d['relative_error']:.2f}%), share "
+              f"{d['share_first_last'][0]:.2f} -> {d['share_first_last'][1]:.2f}. Gain {r['unstable_gain']['gain']:g}: "
+              f"max |control| {u['max_abs_control']:.2f} (max_norm {u['max_norm']:g}), all finite: {u['all_finite']}."]
+    return "\n".join(lines)
+
+
 def _replace(text, start, end, body):
     if start not in text or end not in text:
         raise SystemExit(f"README.md needs {start} and {end} around a generated table.")
@@ -107,6 +142,8 @@ def main():
     text = _replace(readme.read_text(), START, END, table())
     if load("steering_compare") is not None:
         text = _replace(text, STEER_START, STEER_END, steering_table())
+    if load("closed_loop") is not None:
+        text = _replace(text, LOOP_START, LOOP_END, loop_table())
     readme.write_text(text)
     print(table())
     print(steering_table())

@@ -41,7 +41,7 @@ PROMPT_WORDS = 4  # each prompt: the first words of a held-out review
 NEW_TOKENS = 32  # tokens generated after every prompt, for every method
 EXAMPLES_PER_SIDE = 64  # contrastive reviews for the steering vectors
 SV_BLOCK = 15  # the middle block of 30, where CAA-style vectors are usually added
-SV_MULTIPLIERS = (-32.0, -16.0, 16.0, 32.0)  # x8 barely moved an 8-prompt smoke run; x32 starts to break the text
+SV_MULTIPLIERS = (-32.0, -16.0, -8.0, 8.0, 16.0, 32.0)  # x32 starts to break the text; x8 is the fluent end of the sweep
 OURS_CONTROLS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # trained on -1 and +1
 FROM_EXAMPLES_CONTROLS = (-0.5, 0.5)  # 210 layers each shifted: smaller multipliers
 INSTRUCTIONS = {
@@ -70,6 +70,18 @@ def chat(instruction, prompt):
     return f"<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n{prompt}"
 
 
+def load_judge():
+    """Seed 0's MiniLM review classifier from bench/quality.py (trained first on a fresh clone)."""
+    import keras
+
+    judge = RESULTS / "runs" / "quality-seed0-control"
+    if not (judge / "classifier.keras").is_file():
+        from quality import run_group
+
+        run_group(0, "control")
+    return keras.models.load_model(judge / "classifier.keras")
+
+
 class Bench:
     def __init__(self, samples, work):
         import keras_biasinject as kbi
@@ -92,14 +104,7 @@ class Bench:
         self.points = json.loads((work / "points.json").read_text()) if (work / "points.json").is_file() else {}
 
     def _judge(self):
-        import keras
-
-        judge = RESULTS / "runs" / "quality-seed0-control"
-        if not (judge / "classifier.keras").is_file():  # a fresh clone: train the judge as bench/quality.py does
-            from quality import run_group
-
-            run_group(0, "control")
-        return keras.models.load_model(judge / "classifier.keras")
+        return load_judge()
 
     def fresh_lm(self):
         import keras
