@@ -82,9 +82,9 @@ def run_feedback_head(recipe, run_dir, verbose=1):
     schedule = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, steps - warmup), alpha=0.1,
                                                       warmup_target=fb.learning_rate, warmup_steps=warmup)
     sigmoid = fb.activation == "sigmoid"
-    model.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss={"feedback": keras.losses.BinaryCrossentropy() if sigmoid else keras.losses.MeanSquaredError()},
-                  weighted_metrics={"feedback": [keras.metrics.BinaryAccuracy(name="accuracy")]} if sigmoid else None)
+    model._compile_metrics = None  # the loss only (a compile that names no metrics keeps earlier ones); accuracy below
+    model.compile(optimizer=keras.optimizers.Adam(schedule), metrics=None, weighted_metrics=None,
+                  loss={"feedback": keras.losses.BinaryCrossentropy() if sigmoid else keras.losses.MeanSquaredError()})
     frozen, start = FrozenSnapshot(model), time.perf_counter()
     with preprocessor_detached(model):
         fit = model.fit(train, validation_data=validation, epochs=fb.epochs, verbose=verbose)
