@@ -122,7 +122,7 @@ def loop_table():
     held = "; ".join(f"{row['method'].split('(')[1].rstrip(')')}: {row['value']:.2f}" for row in h["held_out_reviews"])
     lines += ["", f"Head: agrees with the judge on {h['agreement_with_judge']:.2f} of {h['generations']} generations "
               f"(95% CI {h['agreement_wilson_95'][0]:.2f}-{h['agreement_wilson_95'][1]:.2f}), AUC {h['auc_against_judge']:.2f}; "
-              f"accuracy on held-out reviews at control {held}. Decay (half-life {r['decay']['half_life']:g} turns, no feedback): "
+              f"accuracy on 128 held-out reviews ({held}). Decay (half-life {r['decay']['half_life']:g} turns, no feedback): "
               f"measured half-life {d['measured_half_life']:.3f} turns (error {100 * d['relative_error']:.2f}%), share "
               f"{d['share_first_last'][0]:.2f} -> {d['share_first_last'][1]:.2f}. Gain {r['unstable_gain']['gain']:g}: "
               f"max |control| {u['max_abs_control']:.2f} (max_norm {u['max_norm']:g}), all finite: {u['all_finite']}."]
