@@ -32,6 +32,9 @@ max_train_examples = {train}
 max_eval_examples = 16
 """
 
+# TensorFlow's CLI from the interpreter's own environment, whether or not the venv is activated.
+SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+
 
 def kbi(*args, timeout=600):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -98,7 +101,7 @@ def test_finetune_then_evaluate_on_real_reviews(classify_run):
     serving = run.parent / "serving"
     result = kbi("export", str(run), "--out", str(serving), "--name", "reviews", "--feedback-half-life", "60")
     assert result.returncode == 0, result.stderr[-3000:]
-    shown = subprocess.run(["saved_model_cli", "show", "--dir", str(serving / "reviews" / "1"), "--all"], capture_output=True, text=True).stdout
+    shown = subprocess.run([SAVED_MODEL_CLI, "show", "--dir", str(serving / "reviews" / "1"), "--all"], capture_output=True, text=True).stdout
     assert "signature_def['serve']" in shown and "signature_def['feedback_step']" in shown and "outputs['probabilities']" in shown
     result = kbi("export", str(run), "--out", str(serving), "--name", "reviews", "--version", "1")
     assert result.returncode == 2 and "exists; TF Serving may be serving it" in result.stderr

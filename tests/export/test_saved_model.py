@@ -35,6 +35,9 @@ TF_ONLY = textwrap.dedent("""
     json.dump(outputs, open(result, "w"))
 """)
 
+# TensorFlow's CLI from the interpreter's own environment, whether or not the venv is activated.
+SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+
 
 def run_tf_only(tmp_path, path, requests):
     (tmp_path / "requests.json").write_text(json.dumps(requests))
@@ -96,7 +99,7 @@ def test_serve_runs_with_tensorflow_alone_and_equals_keras(lm, tmp_path):
     np.testing.assert_allclose(results[3]["new_state"], new_state, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(new_state[1], 0.5 * state[1] + signal_[1], rtol=1e-5)  # one half-life later
 
-    shown = subprocess.run(["saved_model_cli", "show", "--dir", path, "--all"], capture_output=True, text=True, timeout=120)
+    shown = subprocess.run([SAVED_MODEL_CLI, "show", "--dir", path, "--all"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr[-2000:]
     for text in ["signature_def['serve']", "signature_def['serve_named']", "signature_def['feedback_step']", "signature_def['generate']",
                  "inputs['control']", "inputs['control_name']", "inputs['token_ids']", "outputs['logits']"]:
@@ -122,7 +125,7 @@ def test_merged_control_and_classifier_probabilities(lm, tmp_path):
     got_merged = run_tf_only(tmp_path, merged_path, requests[1:])[0]
     steered = out(lm, {**lx, "control": np.tile([[1.0, 0.5]], (BATCH, 1)).astype("float32")})
     np.testing.assert_allclose(got_merged["logits"], steered, rtol=1e-5, atol=1e-5 * np.abs(steered).max())
-    shown = subprocess.run(["saved_model_cli", "show", "--dir", merged_path, "--tag_set", "serve", "--signature_def", "serve"],
+    shown = subprocess.run([SAVED_MODEL_CLI, "show", "--dir", merged_path, "--tag_set", "serve", "--signature_def", "serve"],
                            capture_output=True, text=True, timeout=120).stdout
     assert "inputs['token_ids']" in shown and "control" not in shown  # merged: the base's inputs only
 
