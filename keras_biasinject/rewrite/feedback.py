@@ -123,21 +123,28 @@ def reads_per_token(model):
 
 
 @contextlib.contextmanager
+def _collecting(local):
+    """Inside the block, `local.items` is a fresh list (per thread) that the block's callees append to."""
+    previous = getattr(local, "items", None)
+    local.items = []
+    try:
+        yield local.items
+    finally:
+        local.items = previous
+
+
+@contextlib.contextmanager
 def backbone_capture(enabled):
     """Inside the block, every injected backbone's output is appended to the yielded list."""
     if not enabled:
         yield None
         return
-    previous = getattr(_capture, "outputs", None)
-    _capture.outputs = []
-    try:
-        yield _capture.outputs
-    finally:
-        _capture.outputs = previous
+    with _collecting(_capture) as outputs:
+        yield outputs
 
 
 def record_backbone_output(outputs):
-    captured = getattr(_capture, "outputs", None)
+    captured = getattr(_capture, "items", None)
     if captured is not None:
         captured.append(outputs)
 
@@ -206,15 +213,9 @@ def _finished_mask(token_ids, padding_mask, stop_token_ids):
 _sink = threading.local()
 
 
-@contextlib.contextmanager
 def feedback_sink():
     """Inside the block, the readings of each generated batch are appended to the yielded list."""
-    previous = getattr(_sink, "readings", None)
-    _sink.readings = []
-    try:
-        yield _sink.readings
-    finally:
-        _sink.readings = previous
+    return _collecting(_sink)
 
 
 def keep_feedback(compiled):
@@ -223,7 +224,7 @@ def keep_feedback(compiled):
     def generate_function(inputs, stop_token_ids=None):
         outputs = dict(compiled(inputs, stop_token_ids=stop_token_ids))
         reading = outputs.pop("feedback", None)
-        readings = getattr(_sink, "readings", None)
+        readings = getattr(_sink, "items", None)
         if readings is not None and reading is not None:
             readings.append(keras.ops.convert_to_numpy(reading))
         return outputs
