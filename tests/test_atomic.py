@@ -1,11 +1,16 @@
 """`atomic_dir`: a folder appears whole or not at all, and a complete folder is never lost."""
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from keras_biasinject.atomic import STALE_SECONDS, atomic_dir, recover
+from keras_biasinject import atomic
+
+from keras_biasinject.atomic import STALE_SECONDS, atomic_dir, recover, recover_all
 
 
 def _write(folder, text):
@@ -67,3 +72,50 @@ def test_a_kill_between_the_two_renames_is_recovered(tmp_path):
     os.utime(partial, (old, old))
     recover(final)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+
+def test_folders_get_the_umask_mode_not_tempfile_0700(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_dir(tmp_path / "v1") as tmp:
+            _write(tmp, "new")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "v1").stat().st_mode & 0o777 == 0o750  # as a plain mkdir under umask 0o027
+    assert (tmp_path / "v1" / "a.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_partial_folder_of_a_dead_writer_is_removed_at_once_and_a_live_ones_kept(tmp_path):
+    dead = killed_writer(tmp_path / "7")  # young, but its writer is gone
+    with atomic_dir(tmp_path / "8") as tmp:
+        live = tmp_path / tmp.name  # this process's own write in progress
+        foreign = tmp_path / ".7.partial-00000000-1-abcd"  # another host's writer: only its age counts
+        os.mkdir(foreign)
+        recover_all(tmp_path)
+        assert live.is_dir() and foreign.is_dir() and not dead.exists()
+    (tmp_path / ".3.partial-x9").mkdir()  # another name, the old naming: old ones go
+    old = time.time() - STALE_SECONDS - 10
+    for name in (".3.partial-x9", foreign.name):
+        os.utime(tmp_path / name, (old, old))
+    recover_all(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["8"]
+
+
+# A writer killed inside an `atomic_dir` block; atomic.py loaded alone, so the child starts in milliseconds.
+KILLED_WRITER = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("atomic", sys.argv[1])
+atomic = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic)
+with atomic.atomic_dir(sys.argv[2]) as tmp:
+    (tmp / "half.txt").write_text("torn")
+    os._exit(9)  # killed mid-write: no cleanup runs
+"""
+
+
+def killed_writer(final):
+    """Runs a writer of `final` that dies inside the block, in a child process; returns the partial folder it left."""
+    final = Path(final)
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, atomic.__file__, str(final)], timeout=60)
+    (partial,) = final.parent.glob(f".{final.name}.partial-*")
+    return partial

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from keras_biasinject.export.saved_model import export_saved_model
+from keras_biasinject.export.saved_model import check_writable, export_saved_model
 
 
 def export_onnx(model, path, *, opset=17, control=None, overwrite=False):
@@ -17,6 +17,11 @@ def export_onnx(model, path, *, opset=17, control=None, overwrite=False):
     one rename. Check it with onnxruntime: `onnxruntime.InferenceSession(path).run(None, inputs)`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"export_onnx: {str(path)!r} is a folder; give the path of the .onnx file to write (kbi export --onnx)."
+        )
+    check_writable(path.parent, "export_onnx")
     if path.exists() and not overwrite:
         raise FileExistsError(f"export_onnx: {str(path)!r} exists. Pass overwrite=True to replace it.")
     if importlib.util.find_spec("tf2onnx") is None:  # the conversion runs in a subprocess: no import here

@@ -8,20 +8,30 @@ An adapter folder holds
   (`InjectionConfig.trainable`, e.g. a task head) and of the feedback head, keyed by variable path.
 
 Writing is atomic: a folder is written beside the destination and renamed into place, so a reader
-never sees half an adapter, and an existing adapter is replaced only with `overwrite=True`.
+never sees half an adapter, and an existing adapter is replaced only with `overwrite=True`. Weights
+that are not finite are never written.
+
+Reading checks the whole folder before the model is touched: every key of the config with its type,
+finite numbers only, and every tensor of the weights file (names and shapes as the config lists
+them, float32, finite). A malformed or tampered folder raises `ValueError` naming the file, the key
+or tensor and the value; the model is left exactly as it was.
 """
 
 import hashlib
 import json
+import math
+import re
 import warnings
 from pathlib import Path
 
 import keras
 import numpy as np
 from keras import ops
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save
 
 from keras_biasinject.atomic import atomic_dir
+from keras_biasinject.layers.feedback_head import FeedbackHead
 from keras_biasinject.rewrite.config import InjectionConfig
 from keras_biasinject.rewrite.feedback import add_feedback_head
 from keras_biasinject.rewrite.inject import inject
@@ -34,6 +44,11 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_weights.safetensors"
 FORMAT = "keras_biasinject.adapter/1"
 _IGNORED_BACKBONE_KEYS = ("name", "trainable", "dtype")  # may differ between the base it was saved from and now
+_FIX = "Save the adapter again with `save_adapter` (the file was edited, truncated or written by something else)."
+_KEY_TYPES = {  # every key of CONFIG_FILE and the JSON type of its value
+    "format": str, "base_class": str, "backbone_class": str, "backbone_config": dict, "injection": dict,
+    "named_controls": dict, "feedback_head": (dict, type(None)), "base_fingerprint": str, "weights": dict,
+}
 
 
 def _adapter_variables(model):
@@ -85,6 +100,12 @@ def save_adapter(model, path, overwrite=False):
         )
     variables = _adapter_variables(model)
     arrays = {p: np.ascontiguousarray(ops.convert_to_numpy(ops.cast(v, "float32"))) for p, v in variables.items()}
+    bad = [p for p, a in arrays.items() if not np.all(np.isfinite(a))]
+    if bad:
+        raise ValueError(
+            f"save_adapter: weight {bad[0]!r} holds NaN or inf values ({len(bad)} weight(s) do); nothing was written. "
+            "Training diverged: lower the learning rate, check the data and controls for non-finite values, and train again."
+        )
     backbone_class, backbone_config = _backbone_description(model)
     config = {
         "format": FORMAT,
@@ -99,25 +120,153 @@ def save_adapter(model, path, overwrite=False):
     }
 
     with atomic_dir(path, overwrite=overwrite) as tmp:  # the old adapter stays whole until the new one is in place
-        save_file(arrays, str(tmp / WEIGHTS_FILE))
+        (tmp / WEIGHTS_FILE).write_bytes(save(arrays))  # not `save_file`: it makes the file 0600 whatever the umask
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return str(path)
 
 
 def _read(path):
+    """(config, InjectionConfig, feedback head or None, {path: array}) of the adapter folder at `path`,
+    every part checked; nothing of a model is touched."""
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"load_adapter: {str(path)!r} is not an adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}, "
             "as written by `save_adapter`)."
         )
+    file = str(path / CONFIG_FILE)
+    config = _check_keys(_parse_json(path / CONFIG_FILE), file)
+    injection = _injection_of(config, file)
+    _check_named_controls(config["named_controls"], injection.control_dim, file)
+    head = _feedback_head_of(config["feedback_head"], file)
+    return config, injection, head, _read_weights(path / WEIGHTS_FILE, config["weights"], file)
+
+
+def _parse_json(file):
+    """The JSON object in `file`: UTF-8, valid, not absurdly nested, every number finite."""
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"load_adapter: {str(path / CONFIG_FILE)!r} is not valid JSON ({error}).") from None
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"load_adapter: {str(file)!r} is not UTF-8 text (byte {error.start}). {_FIX}") from None
+    except ValueError as error:  # invalid JSON, or an integer of more than 4,300 digits
+        raise ValueError(f"load_adapter: {str(file)!r} is not valid JSON ({error}). {_FIX}") from None
+    except RecursionError:
+        raise ValueError(f"load_adapter: {str(file)!r} nests its JSON too deeply to read. {_FIX}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"load_adapter: {str(file)!r} must hold a JSON object; got a {type(config).__name__}. {_FIX}")
+    key, value = _first_non_finite(config)
+    if key is not None:
+        raise ValueError(f"load_adapter: {str(file)!r}: key {key!r} must be a finite number. Got {value!r}. {_FIX}")
+    return config
+
+
+def _first_non_finite(tree):
+    """(dotted key, value) of the first NaN or inf number in a parsed JSON tree, else (None, None); no
+    recursion, so a deep tree cannot overflow the stack."""
+    stack = [("", tree)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return key, value
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in items)
+    return None, None
+
+
+def _check_keys(config, file):
+    """`config` if it is in this format and holds exactly the keys `save_adapter` writes, each of its type."""
     if config.get("format") != FORMAT:
-        raise ValueError(f"load_adapter: {str(path)!r} has format {config.get('format')!r}; this version reads {FORMAT!r}.")
-    return config, load_file(str(path / WEIGHTS_FILE))
+        raise ValueError(
+            f"load_adapter: {str(file)!r} has format {_short(config.get('format'))}; this version reads {FORMAT!r}."
+        )
+    missing, extra = sorted(set(_KEY_TYPES) - set(config)), sorted(set(config) - set(_KEY_TYPES))
+    if missing or extra:
+        raise ValueError(
+            f"load_adapter: {str(file)!r} has missing key(s) {missing} and unexpected key(s) {extra}; an adapter "
+            f"config holds exactly {sorted(_KEY_TYPES)}. {_FIX}"
+        )
+    for key, kind in _KEY_TYPES.items():
+        if not isinstance(config[key], kind):
+            raise ValueError(
+                f"load_adapter: {str(file)!r}: key {key!r} must be a JSON {_json_type(kind)}. "
+                f"Got {_short(config[key])}. {_FIX}"
+            )
+    if not re.fullmatch(r"[0-9a-f]{64}", config["base_fingerprint"]):
+        raise ValueError(f"load_adapter: {str(file)!r}: key 'base_fingerprint' must be a sha256 hex digest. "
+                         f"Got {_short(config['base_fingerprint'])}. {_FIX}")
+    for name, shape in config["weights"].items():
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"load_adapter: {str(file)!r}: key 'weights.{name}' must be a shape (a list of sizes). "
+                             f"Got {_short(shape)}. {_FIX}")
+    return config
+
+
+def _json_type(kind):
+    names = {str: "string", dict: "object", type(None): "null"}
+    return " or ".join(names[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _injection_of(config, file):
+    try:
+        return InjectionConfig.from_dict(config["injection"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"load_adapter: {str(file)!r}: key 'injection' is not a valid InjectionConfig: {error} {_FIX}"
+        ) from None
+
+
+def _check_named_controls(controls, control_dim, file):
+    for name, vector in controls.items():
+        numbers = isinstance(vector, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vector)
+        if not numbers or len(vector) != control_dim:
+            raise ValueError(
+                f"load_adapter: {str(file)!r}: key 'named_controls.{name}' must be {control_dim} number(s) "
+                f"(control_dim={control_dim}). Got {_short(vector)}. {_FIX}"
+            )
+
+
+def _feedback_head_of(serialized, file):
+    if serialized is None:
+        return None
+    try:
+        head = keras.saving.deserialize_keras_object(serialized, safe_mode=True)
+    except Exception as error:  # a tampered config can fail anywhere in Keras' deserialization
+        raise ValueError(f"load_adapter: {str(file)!r}: key 'feedback_head' does not describe a FeedbackHead "
+                         f"({type(error).__name__}: {_short(str(error))}). {_FIX}") from None
+    if not isinstance(head, FeedbackHead):
+        raise ValueError(f"load_adapter: {str(file)!r}: key 'feedback_head' must describe a FeedbackHead. "
+                         f"Got a {type(head).__name__}. {_FIX}")
+    return head
+
+
+def _read_weights(weights_file, shapes, config_file):
+    """{path: float32 array} from `weights_file`: exactly the tensors and shapes the config lists, finite."""
+    file = str(weights_file)
+    if not weights_file.is_file():
+        raise ValueError(f"load_adapter: {file!r} is missing; {str(config_file)!r} needs it. {_FIX}")
+    try:
+        arrays = load_file(file)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"load_adapter: {file!r} is truncated or corrupt ({_short(str(error))}). {_FIX}") from None
+    missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"load_adapter: {file!r} lacks tensor(s) {missing[:3]} and has unexpected tensor(s) "
+                         f"{extra[:3]}, against the list in {str(config_file)!r}. {_FIX}")
+    for name, array in arrays.items():
+        if array.dtype != np.float32:
+            raise ValueError(f"load_adapter: {file!r}: tensor {name!r} has dtype {array.dtype}; adapter weights are "
+                             f"float32 (they are never cast). {_FIX}")
+        if list(array.shape) != shapes[name]:
+            raise ValueError(f"load_adapter: {file!r}: tensor {name!r} has shape {list(array.shape)}; "
+                             f"{str(config_file)!r} lists {shapes[name]}. {_FIX}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"load_adapter: {file!r}: tensor {name!r} holds NaN or inf values. {_FIX}")
+    return arrays
 
 
 def _check_base(base_model, config, path):
@@ -142,30 +291,20 @@ def _check_base(base_model, config, path):
 def load_adapter(base_model, path):
     """Injects `base_model` as the adapter at `path` describes and loads the adapter's weights.
 
-    Returns the injected model (the same object, as `inject` does). A base of another class or
-    architecture raises before anything changes; if the weights then fail to load, the injection
-    is undone, so the model is left exactly as it was. Base weights that differ from those the
-    adapter was trained on (same architecture) give a warning.
+    Returns the injected model (the same object, as `inject` does). The whole folder is read and
+    checked first, then the base: a malformed file or a base of another class or architecture raises
+    before anything changes; if the weights then do not fit the injected model, the injection is
+    undone, so the model is left exactly as it was. Base weights that differ from those the adapter
+    was trained on (same architecture) give a warning.
     """
-    config, arrays = _read(path)
+    config, injection, head, arrays = _read(path)
     _check_base(base_model, config, path)
-    injection = InjectionConfig.from_dict(config["injection"])
-    model = inject(base_model, injection)
+    model = _inject_from_file(base_model, injection, path)
     try:
-        if config.get("feedback_head") is not None:
-            add_feedback_head(model, keras.saving.deserialize_keras_object(config["feedback_head"]))
+        if head is not None:
+            add_feedback_head(model, head)
         variables = _adapter_variables(model)
-        missing = sorted(set(variables) - set(arrays))
-        unexpected = sorted(set(arrays) - set(variables))
-        if missing or unexpected:
-            raise ValueError(
-                f"load_adapter: the weights in {str(path)!r} do not fit this model: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}. Was it saved from a {config['base_class']}?"
-            )
-        wrong = [(p, arrays[p].shape, tuple(v.shape)) for p, v in variables.items() if arrays[p].shape != tuple(v.shape)]
-        if wrong:
-            p, got, want = wrong[0]
-            raise ValueError(f"load_adapter: weight {p!r} has shape {got} in {str(path)!r}; the model needs {want}.")
+        _check_fit(variables, arrays, config, path)
         for name, vector in config["named_controls"].items():
             model.add_control(name, vector)
     except Exception:
@@ -181,3 +320,28 @@ def load_adapter(base_model, path):
             stacklevel=2,
         )
     return model
+
+
+def _inject_from_file(base_model, injection, path):
+    """`inject(base_model, injection)`, with an injection that does not apply named after the file."""
+    try:
+        return inject(base_model, injection)
+    except (ValueError, TypeError, OverflowError) as error:  # `inject` leaves the model as it was
+        raise ValueError(
+            f"load_adapter: the 'injection' in {str(Path(path) / CONFIG_FILE)!r} does not apply to this model: {error}"
+        ) from None
+
+
+def _check_fit(variables, arrays, config, path):
+    """Raises unless `arrays` are exactly the injected model's adapter `variables`, shape for shape."""
+    missing = sorted(set(variables) - set(arrays))
+    unexpected = sorted(set(arrays) - set(variables))
+    if missing or unexpected:
+        raise ValueError(
+            f"load_adapter: the weights in {str(path)!r} do not fit this model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}. Was it saved from a {config['base_class']}?"
+        )
+    wrong = [(p, arrays[p].shape, tuple(v.shape)) for p, v in variables.items() if arrays[p].shape != tuple(v.shape)]
+    if wrong:
+        p, got, want = wrong[0]
+        raise ValueError(f"load_adapter: weight {p!r} has shape {got} in {str(path)!r}; the model needs {want}.")

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -6,6 +8,7 @@ from keras_biasinject import inject
 from keras_biasinject.data import DataConfig, make_dataset
 from keras_biasinject.export import export_onnx
 from keras_biasinject.models import load
+from tests.rewrite.tiny_models import gpt2
 
 
 @pytest.mark.slow
@@ -31,3 +34,14 @@ def test_minilm_classifier_through_tf2onnx_matches_onnxruntime(tmp_path):
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-6)
     with pytest.raises(FileExistsError, match="exists. Pass overwrite=True"):
         export_onnx(clf, path)
+
+
+def test_unwritable_onnx_paths_are_refused_before_the_conversion(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder").mkdir()
+    model = gpt2()
+    with pytest.raises(ValueError, match=r"export_onnx: .*a_file' is a file\. Choose another destination"):
+        export_onnx(model, tmp_path / "a_file" / "model.onnx")
+    with pytest.raises(ValueError, match=r"export_onnx: .*a_folder' is a folder; give the path of the .onnx file"):
+        export_onnx(model, tmp_path / "a_folder", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "a_folder"] and os.listdir(tmp_path / "a_folder") == []

@@ -16,7 +16,11 @@ import tensorflow as tf
 
 from keras_biasinject import DecayFeedback, FeedbackHead, add_feedback_head, inject, remove_feedback_head
 from keras_biasinject.export import export_saved_model, next_version
+from keras_biasinject.atomic import STALE_SECONDS
+from keras_biasinject.cli.main import main as kbi
+from keras_biasinject.export.saved_model import check_version, version_folder
 from tests.rewrite.tiny_models import BATCH, TINY, VOCAB, V, gpt2, out, tokens, train
+from tests.test_atomic import killed_writer
 
 # Runs in a fresh process: TensorFlow only, then proves neither keras_hub nor this package came in.
 TF_ONLY = textwrap.dedent("""
@@ -175,8 +179,14 @@ def test_a_feedback_head_adds_feedback_to_serve_and_generate_and_changes_nothing
 
     assert metadata_of(path)["feedback_head"] == {"feedback_dim": 1, "pooling": "last", "activation": "sigmoid",
                                                   "reading_range": [0.0, 1.0]}
-    assert sorted(metadata_of(plain_path)) == ["feedback"]  # no head: the metadata as before
+    assert sorted(metadata_of(plain_path)) == ["feedback", "vocabulary_size"]  # no head: no head's metadata
     assert metadata_of(path)["feedback"] == metadata_of(plain_path)["feedback"]
+    assert metadata_of(path)["vocabulary_size"] == metadata_of(plain_path)["vocabulary_size"] == VOCAB
+
+    wide = DecayFeedback(control_dim=2, feedback_dim=3, half_life=10.0)  # the head reads 1 value
+    with pytest.raises(ValueError, match=r"feedback_dim=3, but the model's feedback head reads 1 value\(s\). Build it with DecayFeedback\(feedback_dim=1"):
+        export_saved_model(model, tmp_path, "wide", feedback=wide)
+    assert not (tmp_path / "wide").exists()
 
     model.compile(sampler="beam")  # its own search loop: no hidden states to read
     with pytest.raises(ValueError, match="BeamSampler runs its own search loop.*compile\\(sampler='greedy'\\)"):
@@ -204,8 +214,9 @@ def test_a_classifier_head_reads_pooled_and_merging_asks_to_take_it_off(tmp_path
         assert np.array_equal(served[key].numpy(), before[key].numpy())
     np.testing.assert_allclose(served["feedback"].numpy(), clf.read_feedback(x, control=c), rtol=0, atol=1e-6)
     assert metadata_of(path) == {"feedback_head": {"feedback_dim": 2, "pooling": "first", "activation": "linear",
-                                                   "reading_range": [None, None]}}  # unbounded: null, not Infinity
-    assert metadata_of(plain_path) is None  # no head, no DecayFeedback: no metadata file, as before
+                                                   "reading_range": [None, None]},  # unbounded: null, not Infinity
+                                 "vocabulary_size": V}
+    assert metadata_of(plain_path) == {"vocabulary_size": V}  # no head, no DecayFeedback: the vocabulary alone
 
     with pytest.raises(ValueError, match="plain BertTextClassifier, which cannot carry the feedback head. Export without `control`"):
         export_saved_model(clf, tmp_path, "merged", control=[1.0])
@@ -219,18 +230,90 @@ def test_a_classifier_head_reads_pooled_and_merging_asks_to_take_it_off(tmp_path
 
 
 def test_versions_are_never_overwritten_silently(lm, tmp_path):
-    first = export_saved_model(lm, tmp_path, "lm")
+    umask = os.umask(0o022)
+    try:
+        first = export_saved_model(lm, tmp_path, "lm")
+    finally:
+        os.umask(umask)
+    modes = {p: os.stat(os.path.join(d, p)).st_mode & 0o777 for d, dirs, files in os.walk(first) for p in dirs + files}
+    assert os.stat(first).st_mode & 0o777 == 0o755 and set(modes.values()) == {0o755, 0o644}, modes  # as umask 0o022 gives
     assert next_version(tmp_path, "lm") == 2
     with pytest.raises(FileExistsError, match="exists; TF Serving may be serving it. Pass overwrite=True"):
         export_saved_model(lm, tmp_path, "lm", version=1)
     stamp = os.stat(os.path.join(first, "saved_model.pb")).st_mtime_ns
     assert os.stat(os.path.join(first, "saved_model.pb")).st_mtime_ns == stamp
+    dead = killed_writer(tmp_path / "lm" / "2")  # what a killed export leaves: young, its writer gone
+    old = tmp_path / "lm" / ".3.partial-x1"  # an hour untouched (a writer on another host, or older code)
+    old.mkdir()
+    os.utime(old, (time.time() - STALE_SECONDS - 10,) * 2)
     export_saved_model(lm, tmp_path, "lm", version=1, overwrite=True)
-    assert sorted(os.listdir(tmp_path / "lm")) == ["1"]  # replaced in place, no temporary folders left
+    assert sorted(os.listdir(tmp_path / "lm")) == ["1"]  # replaced in place, the partial folders cleaned up
+    assert not dead.exists()
     with pytest.raises(ValueError, match="`version` must be a positive integer"):
         export_saved_model(lm, tmp_path, "lm", version=0)
     with pytest.raises(ValueError, match="this model has no adapters"):
         export_saved_model(gpt2(), tmp_path, "plain", control=[1.0])
+
+
+def test_versions_must_fit_int64_and_every_numeric_name_counts(tmp_path):
+    assert check_version(np.int64(7)) == 7 and type(check_version(np.uint8(3))) is int  # numpy integers taken
+    assert check_version(2**63 - 1) == 2**63 - 1
+    for bad in (2**63, 2**70, True, 0, -1, 1.0, "3"):
+        with pytest.raises(ValueError, match=r"`version` must be"):
+            check_version(bad)
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "5").write_text("not a version, but it blocks the name")
+    (tmp_path / "lm" / "3").mkdir()
+    assert next_version(tmp_path, "lm") == 6
+    assert version_folder(tmp_path, "lm", np.int64(8)) == tmp_path / "lm" / "8"
+    with pytest.raises(ValueError, match=r"lm/5' is a file, not a version folder. Move it away"):
+        version_folder(tmp_path, "lm", 5, overwrite=True)
+
+
+def test_a_decay_feedback_of_another_width_is_refused_up_front(lm, tmp_path):
+    with pytest.raises(ValueError, match=r"DecayFeedback has control_dim=3, but the model's control has 2 value\(s\). "
+                                         r"Build it with DecayFeedback\(control_dim=2"):
+        export_saved_model(lm, tmp_path, "lm", feedback=DecayFeedback(control_dim=3, half_life=10.0))
+    with pytest.raises(ValueError, match=r"`version` must be at most 2\*\*63 - 1 \(TF Serving reads versions as int64\)"):
+        export_saved_model(lm, tmp_path, "lm", version=2**70)
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def unwritable_folder(tmp_path):
+    """A folder that refuses new files to this process: read-only for a user; for root, who writes
+    anywhere a mode allows, sysfs (no new files there, not even for root)."""
+    if os.geteuid() == 0:
+        return "/sys"
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+def test_unwritable_destinations_are_refused_before_the_export_is_built(lm, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "lm").write_text("")
+    read_only = unwritable_folder(tmp_path)
+    cases = [(tmp_path / "a_file", r"a_file' is a file, so .*a_file/lm' cannot be a folder"),
+             (tmp_path / "a_file" / "deeper", r"a_file' is a file, so"),
+             (tmp_path / "base", r"base/lm' is a file\. Choose another destination \(kbi export --out\)"),
+             (read_only, rf"cannot write in '{read_only}' \(.*\). Choose a folder you can write in")]
+    for base, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            export_saved_model(lm, base, "lm")
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "base"] + (["read_only"] if os.geteuid() else [])
+    assert os.listdir(tmp_path / "base") == ["lm"] and (tmp_path / "a_file").read_text() == ""
+
+
+def test_kbi_export_onto_a_file_says_so_in_one_line(lm, tmp_path, capsys):
+    lm.save(tmp_path / "lm.keras")
+    (tmp_path / "a_file").write_text("")
+    assert kbi(["export", str(tmp_path / "lm.keras"), "--out", str(tmp_path / "a_file"), "--name", "lm"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("kbi export")]  # Keras' load warnings aside
+    assert line.startswith("kbi export: error: export_saved_model: ") and "a_file' is a file" in line
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
 import json
 import os
+import shutil
 
 import keras
 import keras_hub
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from keras_biasinject import inject, load_adapter, save_adapter
 from tests.rewrite.tiny_models import controls, gpt2, out, state_of, tokens, train
@@ -159,3 +161,141 @@ def test_save_is_atomic_and_never_overwrites_silently(trained, tmp_path):
 def test_plain_models_are_refused():
     with pytest.raises(ValueError, match="expected a model returned by `inject`; got a plain GPT2CausalLM"):
         save_adapter(fresh_lm(), "unused")
+
+
+# --- Tampered adapter folders: each refused with a ValueError naming the file and the key or tensor,
+# and the base model left exactly as it was. Every case edits a copy of the `trained` adapter.
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_weights.safetensors"
+
+
+def edit_config(change):
+    def tamper(folder):
+        config = json.loads((folder / CONFIG).read_text())
+        change(config)
+        (folder / CONFIG).write_text(json.dumps(config))  # json writes NaN and inf as NaN, Infinity
+    return tamper
+
+
+def raw_config(data):
+    return lambda folder: (folder / CONFIG).write_bytes(data)
+
+
+def edit_weights(change):
+    def tamper(folder):
+        arrays = load_file(str(folder / WEIGHTS))
+        change(arrays)
+        save_file(arrays, str(folder / WEIGHTS))
+    return tamper
+
+
+def raw_weights(cut):
+    return lambda folder: (folder / WEIGHTS).write_bytes(cut((folder / WEIGHTS).read_bytes()))
+
+
+def first(d):
+    return sorted(d)[0]
+
+
+def set_first_tensor(make):
+    return edit_weights(lambda a: a.update({first(a): make(a[first(a)])}))
+
+
+def set_injection(**fields):
+    return edit_config(lambda c: c["injection"].update(fields))
+
+
+def add_tensor_to_both(folder):  # consistent file, but not this model's weights
+    edit_weights(lambda a: a.update({"extra/kernel": np.zeros(2, "float32")}))(folder)
+    edit_config(lambda c: c["weights"].update({"extra/kernel": [2]}))(folder)
+
+
+TAMPERED = {
+    "no base_fingerprint": (edit_config(lambda c: c.pop("base_fingerprint")), CONFIG, r"missing key\(s\) \['base_fingerprint'\]"),
+    "extra key": (edit_config(lambda c: c.update(surprise=1)), CONFIG, r"unexpected key\(s\) \['surprise'\]"),
+    "rank as a string": (set_injection(rank="2"), CONFIG, r"key 'injection' is not a valid InjectionConfig: .*rank"),
+    "rank as a list": (set_injection(rank=[2]), CONFIG, r"key 'injection' is not a valid InjectionConfig: .*rank"),
+    "alpha as a string": (set_injection(alpha="big"), CONFIG, r"key 'injection' is not a valid InjectionConfig: .*alpha"),
+    "alpha Infinity": (set_injection(alpha=float("inf")), CONFIG, r"key 'injection.alpha' must be a finite number. Got inf"),
+    "alpha 1e999": (raw_config(b'{"injection": {"alpha": 1e999}}'), CONFIG, r"key 'injection.alpha' must be a finite number"),
+    "NaN named control": (edit_config(lambda c: c["named_controls"].update(positive=[float("nan"), 0.0])), CONFIG,
+                          r"key 'named_controls.positive.0' must be a finite number. Got nan"),
+    "short named control": (edit_config(lambda c: c["named_controls"].update(positive=[1.0])), CONFIG,
+                            r"'named_controls.positive' must be 2 number\(s\) \(control_dim=2\). Got \[1.0\]"),
+    "string named control": (edit_config(lambda c: c["named_controls"].update(positive="up")), CONFIG, r"'named_controls.positive'.*Got 'up'"),
+    "injection a list": (edit_config(lambda c: c.update(injection=[4])), CONFIG, r"key 'injection' must be a JSON object. Got \[4\]"),
+    "targets a number": (set_injection(targets=5), CONFIG, r"key 'injection' is not a valid InjectionConfig"),
+    "unknown injection key": (set_injection(colour="red"), CONFIG, r"key 'injection' is not a valid InjectionConfig: .*colour"),
+    "fingerprint a number": (edit_config(lambda c: c.update(base_fingerprint=5)), CONFIG, r"key 'base_fingerprint' must be a JSON string. Got 5"),
+    "fingerprint not hex": (edit_config(lambda c: c.update(base_fingerprint="x")), CONFIG, r"'base_fingerprint' must be a sha256 hex digest"),
+    "shape as strings": (edit_config(lambda c: c["weights"].update({first(c["weights"]): ["16"]})), CONFIG, r"key 'weights\..*' must be a shape"),
+    "other format": (edit_config(lambda c: c.update(format="peft/0")), CONFIG, r"has format 'peft/0'; this version reads"),
+    "bad feedback head": (edit_config(lambda c: c.update(feedback_head={"class_name": "Nope", "config": {}})), CONFIG,
+                          r"key 'feedback_head' does not describe a FeedbackHead"),
+    "not UTF-8": (raw_config(b'{"format": "\xff\xfe"}'), CONFIG, r"is not UTF-8 text \(byte 12\)"),
+    "invalid JSON": (raw_config(b'{"format": '), CONFIG, r"is not valid JSON"),
+    "5,000-digit number": (raw_config(b'{"a": 1' + b"0" * 5000 + b"}"), CONFIG, r"is not valid JSON"),
+    "nested 100,000 deep": (raw_config(b"[" * 100_000 + b"]" * 100_000), CONFIG, r"nests its JSON too deeply"),
+    "a JSON list": (raw_config(b"[]"), CONFIG, r"must hold a JSON object; got a list"),
+    "weights missing": (lambda folder: (folder / WEIGHTS).unlink(), WEIGHTS, r"is missing"),
+    "weights truncated": (raw_weights(lambda b: b[: len(b) // 2]), WEIGHTS, r"is truncated or corrupt"),
+    "weights empty": (raw_weights(lambda b: b""), WEIGHTS, r"is truncated or corrupt"),
+    "weights header garbage": (raw_weights(lambda b: b"\xff" * 8 + b[8:]), WEIGHTS, r"is truncated or corrupt"),
+    "a tensor missing": (edit_weights(lambda a: a.pop(first(a))), WEIGHTS, r"lacks tensor\(s\) \['.*control_gain'\] and has unexpected tensor\(s\) \[\]"),
+    "an extra tensor": (edit_weights(lambda a: a.update(x=np.zeros(2, "float32"))), WEIGHTS, r"has unexpected tensor\(s\) \['x'\]"),
+    "a wrong shape": (set_first_tensor(lambda t: t[:1]), WEIGHTS, r"tensor '.*control_gain' has shape \[1, 4\];.*lists \[2, 4\]"),
+    "int32 tensor": (set_first_tensor(lambda t: t.astype("int32")), WEIGHTS, r"tensor '.*control_gain' has dtype int32; .*never cast"),
+    "bool tensor": (set_first_tensor(lambda t: t != 0), WEIGHTS, r"tensor '.*control_gain' has dtype bool"),
+    "float64 tensor": (set_first_tensor(lambda t: t.astype("float64")), WEIGHTS, r"has dtype float64"),
+    "NaN tensor": (set_first_tensor(lambda t: np.where(np.arange(t.size).reshape(t.shape) == 3, np.nan, t).astype("float32")), WEIGHTS,
+                   r"tensor '.*control_gain' holds NaN or inf values"),
+    "inf tensor": (set_first_tensor(lambda t: np.full_like(t, np.inf)), WEIGHTS, r"tensor '.*control_gain' holds NaN or inf"),
+    "a tensor this model lacks": (add_tensor_to_both, "", r"do not fit this model: missing \[\], unexpected \['extra/kernel'\]"),
+    "targets the model lacks": (set_injection(targets="no_such_layer"), CONFIG, r"'injection' in .* does not apply to this model"),
+}
+
+
+@pytest.fixture(scope="module")
+def untouched():
+    """One base model shared by every tampered case, and its state before any of them."""
+    base = fresh_lm()
+    return base, state_of(base)
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_every_tampered_adapter_is_refused_before_the_model_changes(trained, untouched, tmp_path, case):
+    tamper, file, pattern = TAMPERED[case]
+    folder = tmp_path / "adapter"
+    shutil.copytree(trained[1], folder)
+    tamper(folder)
+    base, before = untouched
+    with pytest.raises(ValueError, match=pattern) as raised:
+        load_adapter(base, folder)
+    assert str(folder / file) in str(raised.value)  # names the file
+    after = state_of(base)
+    assert after[0] is before[0] and after[2] == before[2] and after[3] == before[3]  # not injected, same layers
+    assert set(after[1]) == set(before[1]) and all(np.array_equal(after[1][p], v) for p, v in before[1].items())
+
+
+def test_saved_files_follow_the_umask(trained, tmp_path):
+    lm, _ = trained
+    old = os.umask(0o022)
+    try:
+        path = save_adapter(lm, tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o755  # as `mkdir` and `open` give under umask 0o022
+    assert [os.stat(os.path.join(path, f)).st_mode & 0o777 for f in (CONFIG, WEIGHTS)] == [0o644, 0o644]
+
+
+def test_non_finite_weights_are_never_saved(trained, tmp_path):
+    lm, _ = trained
+    variable = lm.trainable_weights[1]
+    kept = keras.ops.convert_to_numpy(variable)
+    variable.assign(np.full(variable.shape, np.nan, "float32"))
+    try:
+        with pytest.raises(ValueError, match=rf"weight '{variable.path}' holds NaN or inf values .*nothing was written"):
+            save_adapter(lm, tmp_path / "diverged")
+    finally:
+        variable.assign(kept)
+    assert os.listdir(tmp_path) == []  # no folder, no partial folder
