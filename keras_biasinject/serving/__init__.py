@@ -2,9 +2,9 @@
 
 - `app.py`: `create_app` / `serve`, and `SessionServer`, which answers TF Serving's REST routes
   plus sessions and `:adapt`.
-- `rest.py`: request bodies checked and turned into tensors; `Limits`, `BadRequest`.
+- `rest.py`: request bodies checked and turned into tensors; `Limits`, `AdaptPolicy`, `BadRequest`.
 - `models.py`: `LoadedExport` (a loaded SavedModel version), `AdaptableModel` (the Keras model behind it).
-- `store.py`: session stores (`SQLiteStore`).
+- `store.py`: session stores (`SQLiteStore`), with idle sessions expiring.
 - `loop.py`: the serving loop (`"loop": "self"`): a session moved by the model's own feedback-head reading.
 - `adapt.py`: `guarded_adapt`, the self-tuning steps kept only if the held-out loss holds.
 """

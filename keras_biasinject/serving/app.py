@@ -10,13 +10,19 @@ Routes (TF Serving's, so its clients work unchanged):
   under `"loop"` (loop.py).
 Sessions (need an export with a `feedback_step` signature: `kbi export --feedback-half-life`):
 - `POST /v1/sessions/<id>/feedback`: `{"feedback": [...]}` or `{"rating": r}`, `"timestamp"`
-  optional (seconds; default now). Acknowledged means committed to the store.
+  optional (seconds; default now; at most `max_clock_skew` ahead of the server's clock), `"reset":
+  true` to start the session over. Acknowledged means committed to the store; an update that would
+  leave the state non-finite is refused and stores nothing. Ids: 1 to 128 of `A-Z a-z 0-9 . _ ~ : @ -`.
 - `GET  /v1/sessions/<id>?at=T`: the state and control decayed to `T` (default now).
-Guarded self-tuning (needs `--source`, the run folder or .keras file behind the export):
-- `POST /v1/models/<name>:adapt`: `{"examples": {inputs..., "labels"}, "heldout": {...}, "steps",
-  "learning_rate", "max_loss_increase"}` -> a new version if the held-out loss did not worsen
-  beyond the threshold (409 with the reason, and the weights rolled back, otherwise).
+Guarded self-tuning (off unless `kbi serve --allow-adapt --source RUN --adapt-heldout FILE`):
+- `POST /v1/models/<name>:adapt`: `{"examples": {inputs..., "labels"}, "steps"?, "learning_rate"?}`
+  -> a new version if the loss on the server's held-out set did not worsen beyond the server's
+  threshold (409 with the reason, and the weights rolled back, otherwise). The bounds are the
+  server's (`AdaptPolicy`); versions beyond `keep_versions` are pruned after a publish.
+With a token (`--token-file`), what changes state needs `Authorization: Bearer <token>` (401
+otherwise): `:adapt`, session feedback, and predicts that update a session through the loop.
 Every bad request gets a 4xx with `{"error": message}`; the server never answers 500 to bad input.
+Anything else is logged with a request id (`X-Request-Id`) and answered 500 with that id only.
 
 `SessionServer` answers them, one method per route. Beside it: `rest.py` (request bodies checked,
 `Limits`, `BadRequest`), `models.py` (`LoadedExport`, `AdaptableModel`), `store.py` (session
@@ -24,10 +30,17 @@ states), `loop.py` (the serving loop's checks and arithmetic) and `adapt.py` (th
 steps).
 """
 
+import hmac
+import ipaddress
 import json
+import logging
+import math
+import shutil
 import threading
 import time
+import uuid
 
+import keras
 import numpy as np
 import tensorflow as tf
 from starlette.applications import Starlette
@@ -42,11 +55,15 @@ from keras_biasinject.serving.loop import (
 )
 from keras_biasinject.serving.models import AdaptableModel, LoadedExport, find_version
 from keras_biasinject.serving.rest import (
-    BadRequest, Limits, feedback_values, finite_number, input_columns, predict_answer, signature_tensors,
+    AdaptPolicy, BadRequest, Limits, Unauthorized, adapt_batch, feedback_values, finite_number, input_columns,
+    predict_answer, session_id as checked_session_id, shown, signature_tensors, text_value,
 )
 from keras_biasinject.serving.store import SessionLimitError, SQLiteStore
 
-__all__ = ["BadRequest", "Limits", "LoopSettings", "SessionServer", "create_app", "find_version", "serve"]
+__all__ = ["AdaptPolicy", "BadRequest", "Limits", "LoopSettings", "SessionServer", "create_app", "find_version", "serve"]
+
+logger = logging.getLogger(__name__)
+ADAPT_KEYS = ("examples", "steps", "learning_rate")  # what an :adapt request may send; the guard is the server's
 
 LOOP_ATTEMPTS = 5  # a loop request whose session another update moved meanwhile runs again, this often at most
 
@@ -59,9 +76,22 @@ class PredictJSON(JSONResponse):
         return json.dumps(content, ensure_ascii=False, allow_nan=True, separators=(",", ":")).encode("utf-8")
 
 
-def error_response(error):
-    """A `BadRequest` as its JSON answer."""
-    return JSONResponse({"error": str(error)}, error.status)
+def error_response(error, request_id=None):
+    """A `BadRequest` as its JSON answer (a 401 says `WWW-Authenticate: Bearer`)."""
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return JSONResponse({"error": str(error)}, error.status, headers=headers)
+
+
+def is_loopback(host):
+    """Whether binding `host` reaches only this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def answer(work, *args):
@@ -74,17 +104,27 @@ def answer(work, *args):
 
 class SessionServer:
     """What the routes share, and one method per route: the served `LoadedExport`, the session
-    store, the limits, the clock, with `--source` the `AdaptableModel` behind `:adapt`, and the
-    loop's defaults."""
+    store, the limits, the clock, with `--source` the `AdaptableModel` behind `:adapt` and its
+    `AdaptPolicy`, the bearer token, and the loop's defaults."""
 
-    def __init__(self, export, store, limits, clock, adaptable=None, loop=None):
+    def __init__(self, export, store, limits, clock, adaptable=None, loop=None, policy=None, token=None):
         self.export = export  # swapped whole when `:adapt` publishes a version; requests in flight keep theirs
         self.store = store  # a `SessionStore`: per session, the state after its last update, and when
         self.limits = limits  # a `Limits`
         self.clock = clock  # () -> seconds: the time of a request that sends no timestamp
-        self.adaptable = adaptable  # an `AdaptableModel`, or None: `:adapt` answers 400
+        self.adaptable = adaptable  # an `AdaptableModel`, or None: `:adapt` answers 403
+        self.policy = policy or AdaptPolicy()  # what `:adapt` may do; off by default
+        self.token = token  # the bearer token state-changing requests need, or None (loopback only)
         self.loop = check_settings(export, loop or LoopSettings())  # `kbi serve --loop`, `--loop-target`
         self.loop_locks = [threading.Lock() for _ in range(64)]  # loop requests of one session take turns here
+        self.heldout = None
+        if self.policy.enabled:  # the server's held-out set, checked once at start (ValueError)
+            if adaptable is None:
+                raise ValueError("serve --allow-adapt needs --source RUN_OR_KERAS: the Keras model :adapt trains.")
+            try:
+                self.heldout = self.adapt_arrays(export, self.policy.heldout, "heldout", Limits(math.inf, 1 << 31, 1 << 31))
+            except BadRequest as error:
+                raise ValueError(f"serve --adapt-heldout: {error}") from None
 
     def routes(self):
         return [
@@ -100,7 +140,7 @@ class SessionServer:
         """The served export if it is called `name`; a 404 otherwise."""
         export = self.export
         if name != export.name:
-            raise BadRequest(f"no model {name!r} here; this server serves {export.name!r}.", 404)
+            raise BadRequest(f"no model {shown(name)} here; this server serves {export.name!r}.", 404)
         return export
 
     def export_with_sessions(self, export=None):
@@ -111,18 +151,46 @@ class SessionServer:
                              "Export with `kbi export ... --feedback-half-life SECONDS`.")
         return export
 
+    def authorize(self, authorization, what):
+        """Nothing if no token is configured or `authorization` is `Bearer <token>`; a 401 otherwise."""
+        if self.token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise Unauthorized(f"{what} changes state on this server: send `Authorization: Bearer <token>` "
+                               "(the token `kbi serve --token-file` was given).")
+
+    def stored_time(self, body):
+        """A write's time: the body's `timestamp` (finite, at most `max_clock_skew` s ahead of the
+        server's clock), or now."""
+        now = self.clock()
+        at = finite_number(body.get("timestamp", now), "`timestamp`")
+        if at > now + self.limits.max_clock_skew:
+            raise BadRequest(f"`timestamp` {at} lies more than {self.limits.max_clock_skew} s ahead of the server's "
+                             f"clock ({now}); send seconds since the epoch, or leave it out.")
+        return at
+
     @staticmethod
     def decay(export, session_id, current, at, feedback=None):
         """(state, control) of a session decayed to time `at`, then given `feedback` (default: none).
 
         `current` is what the store holds for it, (state, updated_at, updates), or None: a new session
-        starts at the neutral state, at `at`. A time before its last update is a 400."""
+        starts at the neutral state, at `at`. A time before its last update is a 400; a stored state
+        that is not finite (written by an older version) a 409; a result that is not finite (float32
+        overflow) a 400, raised before the store commits."""
         state, updated_at = (current[0], current[1]) if current else ([0.0] * export.control_dim, at)
+        if not all(math.isfinite(v) for v in state):
+            raise BadRequest(f"session {session_id!r} holds a non-finite state {state} (stored by an older version); "
+                             "send feedback with `\"reset\": true` to start it over.", 409)
         if at < updated_at:
             raise BadRequest(f"timestamp {at} is before session {session_id!r}'s last update at {updated_at}.")
         if feedback is None:
             feedback = [0.0] * export.feedback_dim
-        return export.feedback_step(state, feedback, at - updated_at)
+        new_state, control = export.feedback_step(state, feedback, at - updated_at)
+        if not all(math.isfinite(v) for v in new_state + control):
+            raise BadRequest(f"feedback {feedback} would take session {session_id!r} to a non-finite state "
+                             f"{new_state} (float32 overflow); nothing was stored. Send smaller values.")
+        return new_state, control
 
     # What each route does, given its body (run in a worker thread); each returns the JSON answer.
 
@@ -134,19 +202,23 @@ class SessionServer:
     def metadata(self, name):
         return self.export_named(name).metadata()
 
-    def predict(self, name, body):
+    def predict(self, name, body, authorization=None):
         export = self.export_named(name)
-        signature = body.get("signature_name", "serve")
+        signature = text_value(body.get("signature_name", "serve"), "`signature_name`")
         if signature not in export.signatures or signature == "feedback_step":
-            raise BadRequest(f"unknown signature_name {signature!r}; choose from {sorted(set(export.signatures) - {'feedback_step'})}.")
+            raise BadRequest(f"unknown signature_name {shown(signature)}; choose from {sorted(set(export.signatures) - {'feedback_step'})}.")
         specs = export.specs[signature]
         columns, rows = input_columns(body, specs)
+        if "session" in body:
+            checked_session_id(body["session"], "`session`")
         loop = loop_request(body, self.loop, export, signature, specs, columns, self.clock)
         if loop is not None:
+            self.authorize(authorization, "a predict that updates its session (\"loop\": \"self\")")
+            self.stored_time(body)
             return self.predict_in_loop(export, signature, columns, rows, loop)
         if "session" in body and "control" in specs and "control" not in columns:
-            at = finite_number(body.get("timestamp", self.clock()), "timestamp")
-            session_id = str(body["session"])
+            at = finite_number(body.get("timestamp", self.clock()), "`timestamp`")
+            session_id = body["session"]
             sessions = self.export_with_sessions(export)
             _, control = self.decay(sessions, session_id, self.store.get(session_id), at)
             columns["control"] = [control] * len(next(iter(columns.values())))
@@ -155,7 +227,7 @@ class SessionServer:
 
     def run(self, export, signature, columns):
         """{output name: numpy array}: `signature` of `export` on the checked `columns`."""
-        tensors = signature_tensors(signature, export.specs[signature], columns, self.limits)
+        tensors = signature_tensors(signature, export.specs[signature], columns, self.limits, export.vocabulary_size)
         try:
             return {k: v.numpy() for k, v in export.signatures[signature](**tensors).items()}
         except (tf.errors.InvalidArgumentError, ValueError) as error:
@@ -207,39 +279,89 @@ class SessionServer:
         new_state, _ = self.decay(export, loop.session_id, current, loop.at, feedback)
         return new_state, loop.at
 
-    def adapt(self, name, body):
-        export = self.export_named(name)
-        adaptable = self.adaptable
-        if adaptable is None:
-            raise BadRequest("self-tuning needs the Keras model: start the server with `kbi serve ... --source RUN_OR_KERAS`.")
-        if "examples" not in body:
-            raise BadRequest("the body needs `examples` (inputs plus `labels`), and `heldout` the first time.")
-        with adaptable.lock:
-            heldout = body.get("heldout", adaptable.heldout)
-            if heldout is None:
-                raise BadRequest("no held-out set yet: send `heldout` (inputs plus `labels`) with the first adapt.")
-            try:
-                result = guarded_adapt(adaptable.keras_model(), body["examples"], heldout, steps=body.get("steps", 10),
-                                       learning_rate=body.get("learning_rate", 1e-3),
-                                       max_loss_increase=body.get("max_loss_increase", 0.0))
-            except (ValueError, TypeError, FileNotFoundError) as error:  # FileNotFoundError: a bad --source
-                raise BadRequest(str(error)) from None
-            adaptable.heldout = heldout
-            result_dict = result.to_dict()
-            if not result.accepted:
-                raise BadRequest(json.dumps(result_dict), 409)
-            path = export_saved_model(adaptable.keras_model(), export.path.parent.parent, export.name,
-                                      feedback=export.feedback_layer())
-            self.export = LoadedExport(path)  # atomic swap: requests in flight keep the old one
-            return {**result_dict, "version": self.export.version}
+    def adapt_arrays(self, export, batch, what, limits, vocabulary_size=None):
+        """An `:adapt` batch checked against the export (`rest.adapt_batch`; token ids below
+        `vocabulary_size` when known), as the dict `guarded_adapt` reads."""
+        logits = export.specs_out("serve").get("logits")
+        if logits is None or logits.shape.rank is None or logits.shape[-1] is None:
+            raise BadRequest("this export's `serve` signature returns no `logits` of known width to train against.")
+        x, y, w = adapt_batch(batch, what, export.specs["serve"], (int(logits.shape[-1]), logits.shape.rank - 1),
+                              limits, vocabulary_size or export.vocabulary_size)
+        return {**x, "labels": y, "sample_weight": w}
 
-    def feedback(self, session_id, body):
+    def adapt_settings(self, body):
+        """(steps, learning_rate) a request asks for, within the server's `AdaptPolicy`; a 4xx otherwise."""
+        policy = self.policy
+        owned = sorted(k for k in body if k in ("heldout", "max_loss_increase"))
+        if owned:
+            raise BadRequest(f"{owned} are the server's: it trains against its own held-out set "
+                             f"(`kbi serve --adapt-heldout`) and allows a loss increase of {policy.max_loss_increase}. "
+                             "Leave them out of the request.", 403)
+        unknown = sorted(k[:60] for k in set(body) - set(ADAPT_KEYS))
+        if unknown:
+            raise BadRequest(f"an :adapt request takes {list(ADAPT_KEYS)}; unknown {unknown}.")
+        steps = body.get("steps", min(10, policy.max_steps))
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= policy.max_steps:
+            raise BadRequest(f"`steps` must be an integer from 1 to {policy.max_steps} (this server's bound). Got {shown(steps)}.")
+        rate = finite_number(body.get("learning_rate", min(1e-3, policy.max_learning_rate)), "`learning_rate`")
+        if not 0 < rate <= policy.max_learning_rate:
+            raise BadRequest(f"`learning_rate` must be above 0 and at most {policy.max_learning_rate} (this server's bound). "
+                             f"Got {rate}.")
+        return steps, rate
+
+    def adapt(self, name, body, authorization=None):
+        """`:adapt`: with the token, when enabled, every value checked first; any failure once training
+        began restores the adapter weights bit for bit (the model is as before the request)."""
+        self.authorize(authorization, ":adapt")
+        export = self.export_named(name)
+        if not self.policy.enabled or self.adaptable is None:
+            raise BadRequest(":adapt is off on this server: start it with `kbi serve ... --allow-adapt --source RUN_OR_KERAS "
+                             "--adapt-heldout HELDOUT.json` (and --token-file beyond loopback).", 403)
+        steps, rate = self.adapt_settings(body)
+        if "examples" not in body:
+            raise BadRequest("the body needs `examples` (inputs plus `labels`).")
+        adaptable = self.adaptable
+        with adaptable.lock:
+            model = adaptable.keras_model()
+            vocabulary_size = getattr(getattr(model, "backbone", None), "vocabulary_size", None)
+            examples = self.adapt_arrays(export, body["examples"], "examples", self.limits, vocabulary_size)
+            saved = [np.array(keras.ops.convert_to_numpy(v)) for v in model.trainable_weights]  # bit for bit
+            try:
+                published = self.train_and_publish(export, model, examples, steps, rate)
+            except BaseException:
+                for variable, value in zip(model.trainable_weights, saved):  # any failure: as before the request
+                    variable.assign(value)
+                raise
+            try:  # the new version is served whatever happens here
+                prune_versions(self.export.path.parent, self.policy.keep_versions, keep=self.export.path.name)
+            except OSError:
+                logger.exception("pruning old versions in %s failed", self.export.path.parent)
+            return published
+
+    def train_and_publish(self, export, model, examples, steps, rate):
+        """The guarded steps, then (accepted) the next version, served from now on."""
+        policy = self.policy
+        result = guarded_adapt(model, examples, self.heldout, steps=steps, learning_rate=rate,
+                               max_loss_increase=policy.max_loss_increase, max_steps=policy.max_steps)
+        result_dict = result.to_dict()
+        if not result.accepted:
+            raise BadRequest(json.dumps(result_dict), 409)
+        path = export_saved_model(model, export.path.parent.parent, export.name, feedback=export.feedback_layer())
+        self.export = LoadedExport(path)  # atomic swap: requests in flight keep the old one
+        return {**result_dict, "version": self.export.version}
+
+    def feedback(self, session_id, body, authorization=None):
+        self.authorize(authorization, "session feedback")
+        checked_session_id(session_id)
         export = self.export_with_sessions()
         values = feedback_values(body, export.feedback_dim)
-        at = finite_number(body.get("timestamp", self.clock()), "`timestamp`")
+        at = self.stored_time(body)
+        reset = body.get("reset", False)
+        if not isinstance(reset, bool):
+            raise BadRequest(f"`reset` must be true or false. Got {shown(reset)}.")
 
         def apply(current):
-            new_state, _ = self.decay(export, session_id, current, at, values)
+            new_state, _ = self.decay(export, session_id, None if reset else current, at, values)
             return new_state, at
 
         try:
@@ -251,6 +373,7 @@ class SessionServer:
         return {"session": session_id, "state": state, "control": control, "updated_at": updated_at, "updates": updates}
 
     def show(self, session_id, at):
+        checked_session_id(session_id)
         export = self.export_with_sessions()
         current = self.store.get(session_id)
         if current is None:
@@ -263,76 +386,120 @@ class SessionServer:
 
     async def model_route(self, request):
         name, _, verb = request.path_params["name"].partition(":")
+        authorization = request.headers.get("authorization")
         if request.method == "GET":
             return answer(self.status, name)
         if verb == "predict":
-            return await self.handle(request, lambda body: self.predict(name, body))
+            return await self.handle(request, lambda body: self.predict(name, body, authorization))
         if verb == "adapt":
-            return await self.handle(request, lambda body: self.adapt(name, body))
-        return JSONResponse({"error": f"unknown method {verb!r}; this server answers :predict and :adapt."}, 404)
+            return await self.handle(request, lambda body: self.adapt(name, body, authorization))
+        return JSONResponse({"error": f"unknown method {shown(verb)}; this server answers :predict and :adapt."}, 404)
 
     async def metadata_route(self, request):
         return answer(self.metadata, request.path_params["name"])
 
     async def feedback_route(self, request):
-        return await self.handle(request, lambda body: self.feedback(request.path_params["id"], body))
+        session_id = raw_session_id(request)
+        authorization = request.headers.get("authorization")
+        return await self.handle(request, lambda body: self.feedback(session_id, body, authorization))
 
     async def session_route(self, request):
         at = request.query_params.get("at")
         try:
             when = self.clock() if at is None else finite_number(float(at), "`at`")
         except (ValueError, BadRequest):
-            return JSONResponse({"error": f"`at` must be a finite number of seconds. Got {at!r}."}, 400)
-        return await self.handle(request, lambda body: self.show(request.path_params["id"], when))
+            return JSONResponse({"error": f"`at` must be a finite number of seconds. Got {shown(at)}."}, 400)
+        session_id = raw_session_id(request)
+        return await self.handle(request, lambda body: self.show(session_id, when))
 
     async def handle(self, request, work):
         """Answers `work(body)`, run in a worker thread: its result, its `BadRequest` as a 4xx, and any
-        other exception (a bug of ours, not the client's) as a 500 that says so; the server keeps serving."""
+        other exception (a bug of ours, or a failing disk: not the client's doing) logged with a request
+        id and answered 500 with that id only; the server keeps serving. Every answer says the id."""
+        request_id = uuid.uuid4().hex
         try:
             body = await self.json_body(request)
+            answer_ = await run_in_threadpool(work, body)
         except BadRequest as error:
-            return error_response(error)
-        try:
-            return PredictJSON(await run_in_threadpool(work, body))
-        except BadRequest as error:
-            return error_response(error)
-        except Exception as error:
-            return JSONResponse({"error": f"internal error: {type(error).__name__}: {error}"}, 500)
+            return error_response(error, request_id)
+        except Exception:
+            logger.exception("request %s (%s %s) failed", request_id, request.method, request.url.path)
+            return JSONResponse({"error": f"internal error; request id {request_id}"}, 500,
+                                headers={"X-Request-Id": request_id})
+        return PredictJSON(answer_, headers={"X-Request-Id": request_id})
 
     async def json_body(self, request):
-        """The request's JSON object ({} for a GET); a 413 over `max_body_bytes`, a 400 if not a JSON object."""
+        """The request's JSON object ({} for a GET); a 413 as soon as more than `max_body_bytes` came in
+        (counted while it streams, so a chunked body without Content-Length is cut off too), a 400 if
+        it is not a JSON object."""
         limit = self.limits.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise BadRequest(f"request body over {limit} bytes", 413)
         if request.method != "POST":
             return {}
-        raw = await request.body()
-        if len(raw) > limit:
-            raise BadRequest(f"request body over {limit} bytes", 413)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise BadRequest(f"malformed JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
-        return body
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(f"request body over {limit} bytes", 413)
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
 
 
-def create_app(export_dir, store_path, limits=None, clock=time.time, source=None, loop=None):
+def parse_json(raw):
+    """The JSON object `raw` holds; a 400 for malformed JSON, numbers of over 4,300 digits, nesting
+    deeper than Python's recursion limit, or anything but an object."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise BadRequest(f"malformed JSON: {str(error)[:200]}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def raw_session_id(request):
+    """The session id in the request's path as sent: a percent-encoded id (which could collide with
+    another spelling of the same string) is refused, since valid ids never need encoding."""
+    session_id = request.path_params["id"]
+    raw = request.scope.get("raw_path")
+    if raw is not None and b"%" in raw.split(b"?")[0]:
+        return f"%{session_id}"  # never a valid id: refused, with the charset, by `session_id`
+    return session_id
+
+
+def prune_versions(folder, keep_versions, keep):
+    """Deletes the numeric version folders in `folder` beyond the newest `keep_versions`; never `keep`
+    (the served one) and never anything that is not a numeric folder."""
+    versions = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    for path in versions[:-keep_versions]:
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def create_app(export_dir, store_path, limits=None, clock=time.time, source=None, loop=None, policy=None, token=None):
     """The Starlette app that serves `export_dir` (`<base>/<name>` or one version folder), with its
     sessions in the SQLite file `store_path` and, given `source` (the run folder or .keras file behind
-    the export), `:adapt`. `clock` gives the time of requests that send none; `loop` (a `LoopSettings`)
-    the serving loop's defaults, checked against the export here (ValueError)."""
+    the export) and a `policy` that enables it, `:adapt`. `clock` gives the time of requests that send
+    none; `loop` (a `LoopSettings`) the serving loop's defaults, checked against the export here
+    (ValueError); `token` the bearer token that state-changing requests need (None: none needed)."""
+    limits = limits or Limits()
     export = LoadedExport(export_dir)
-    store = SQLiteStore(store_path)
+    store = SQLiteStore(store_path, ttl=limits.session_ttl)
     adaptable = None if source is None else AdaptableModel(source)
-    return Starlette(routes=SessionServer(export, store, limits or Limits(), clock, adaptable, loop).routes())
+    server = SessionServer(export, store, limits, clock, adaptable, loop, policy, token)
+    return Starlette(routes=server.routes())
 
 
-def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, source=None, loop=None):
-    """Runs the server until interrupted (binds loopback unless `host` says otherwise)."""
+def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, source=None, loop=None, policy=None, token=None):
+    """Runs the server until interrupted (binds loopback unless `host` says otherwise; any other
+    address needs a `token`)."""
     import uvicorn  # lazy: only `serve` runs a server; `create_app` (tests, other ASGI servers) needs no uvicorn
 
-    app = create_app(export_dir, store_path, limits, source=source, loop=loop)
+    if token is None and not is_loopback(host):
+        raise ValueError(f"serve: --host {host} reaches beyond this machine; pass --token-file FILE so that only "
+                         "holders of the token can change state (or bind 127.0.0.1).")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(export_dir, store_path, limits, source=source, loop=loop, policy=policy, token=token)
     uvicorn.run(app, host=host, port=port, log_level="warning")

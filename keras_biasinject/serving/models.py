@@ -30,7 +30,8 @@ class LoadedExport:
     """One version of a SavedModel export (`<base>/<name>/<version>/`, see `find_version`), loaded
     with `tf.saved_model.load`: its signatures and their input specs, the widths its `feedback_step`
     signature gives sessions (`control_dim`, `feedback_dim`; None without one) and what
-    `export_saved_model` wrote beside it (`extra`; `head`, the feedback head's description)."""
+    `export_saved_model` wrote beside it (`extra`; `head`, the feedback head's description;
+    `vocabulary_size`, when the export recorded it)."""
 
     def __init__(self, export_dir):
         self.name, self.version, self.path = find_version(export_dir)
@@ -44,6 +45,12 @@ class LoadedExport:
         self.extra = json.loads(path.read_text()) if path.is_file() else {}
         # {"feedback_dim", "pooling", "activation", "reading_range": [low, high] (null: unbounded)} or None
         self.head = self.extra.get("feedback_head")
+        vocabulary_size = self.extra.get("vocabulary_size")  # token ids must lie below it; None: unknown
+        self.vocabulary_size = vocabulary_size if type(vocabulary_size) is int and vocabulary_size > 0 else None
+
+    def specs_out(self, signature):
+        """{output name: TensorSpec} of `signature`."""
+        return dict(self.signatures[signature].structured_outputs)
 
     def feedback_step(self, state, feedback, elapsed):
         """(new state, control) after `elapsed` seconds of decay from `state` and then `feedback`."""
@@ -87,7 +94,6 @@ class AdaptableModel:
     def __init__(self, source):
         self.source = source  # the run folder (with report.json) or .keras file
         self.model = None  # the Keras model, once `keras_model()` has loaded it
-        self.heldout = None  # the held-out set of the last adapt; later adapts may leave theirs out
         self.lock = threading.Lock()
 
     def keras_model(self):

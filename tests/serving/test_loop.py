@@ -45,7 +45,7 @@ def exports(lm, tmp_path_factory):
     feedback = DecayFeedback(control_dim=1, half_life=10.0)
     export_saved_model(lm, base, "lm", feedback=feedback)
     export_saved_model(lm, base, "nosessions")  # a head, no feedback_step
-    export_saved_model(lm, base, "wide", feedback=DecayFeedback(control_dim=1, feedback_dim=2, half_life=10.0))
+    # (A feedback_step wider than the head is refused by export_saved_model itself since issue 17.)
     head = remove_feedback_head(lm)
     export_saved_model(lm, base, "headless", feedback=feedback)
     add_feedback_head(lm, head)
@@ -53,7 +53,7 @@ def exports(lm, tmp_path_factory):
     head.bias.assign([float("nan")])  # a broken head: NaN readings, the model's own outputs untouched
     export_saved_model(lm, base, "nan", feedback=feedback)
     head.bias.assign(bias)
-    return {name: LoadedExport(base / name) for name in ("lm", "nosessions", "wide", "headless", "nan")}
+    return {name: LoadedExport(base / name) for name in ("lm", "nosessions", "headless", "nan")}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,9 @@ def step(exports):
     return feedback_step
 
 
-def session_server(export, tmp_path, loop=None):
-    return SessionServer(export, SQLiteStore(tmp_path / "sessions.sqlite"), Limits(max_batch=8), lambda: 0.0, loop=loop)
+def session_server(export, tmp_path, loop=None, token=None):
+    """A `SessionServer` whose clock reads 10,000 s (timestamps up to 10,300 are accepted)."""
+    return SessionServer(export, SQLiteStore(tmp_path / "sessions.sqlite"), Limits(max_batch=8), lambda: 1e4, loop=loop, token=token)
 
 
 def padded_tokens():
@@ -173,7 +174,6 @@ def test_a_nan_reading_answers_and_leaves_the_session_as_it_was(exports, step, t
     ("lm", {"loop": "self", "target": "high"}, "`target` must be a finite number. Got 'high'"),
     ("lm", {"loop": "yes"}, r"`loop` must be one of \['off', 'self'\].*Got loop='yes'"),
     ("nosessions", {"loop": "self"}, "no feedback_step signature, so it keeps no sessions.*--feedback-half-life"),
-    ("wide", {"loop": "self"}, r"head reads 1 value\(s\), but its feedback_step takes feedback of width 2.*feedback_dim=1"),
     ("lm", {"loop": "self", "control": True}, "runs with its session's control: leave `control` out"),
     ("lm", {"target": 0.5}, "`target` steers the serving loop"),  # the loop is off
     ("lm", {"loop": "self", "timestamp": -1.0}, "timestamp -1.0 is before session 'bad'"),
@@ -287,3 +287,74 @@ def kill_mid_burst_and_restart(server, step):
     status, body = call(server.port, "POST", "/v1/models/lm:predict", {"instances": rows(x), "session": "burst", "timestamp": 7000.0})
     assert status == 200 and body["loop"]["updates"] == stored["updates"] + 1
     assert body["loop"]["state"] == step(stored["state"], body["loop"]["feedback"], 0.0)[0]
+
+
+# Issue 17: sessions never hold non-finite values, client clocks are bounded, state changes need the token.
+
+def test_feedback_that_would_overflow_float32_is_refused_and_stores_nothing(exports, tmp_path):
+    srv = session_server(exports["lm"], tmp_path)
+    with pytest.raises(BadRequest, match=r"`rating` must be a finite number within \+-3.40282e\+38"):
+        srv.feedback("big", {"rating": 3.5e38, "timestamp": 0.0})
+    assert srv.feedback("big", {"rating": 2e38, "timestamp": 0.0})["state"] == [float(np.float32(2e38))]
+    with pytest.raises(BadRequest, match=r"would take session 'big' to a non-finite state \[inf\].*nothing was stored"):
+        srv.feedback("big", {"rating": 2e38, "timestamp": 0.0})
+    assert srv.store.get("big") == ([float(np.float32(2e38))], 0.0, 1)  # as before the refused update
+    assert srv.show("big", 0.0)["state"] == [float(np.float32(2e38))]  # still readable
+
+
+def test_a_session_stored_non_finite_by_an_older_version_is_a_409_until_reset(exports, tmp_path):
+    srv = session_server(exports["lm"], tmp_path)
+    srv.store.update("old", lambda current: ([math.inf], 0.0), 10)  # what the old server committed
+    x = rows(padded_tokens())
+    for attempt in (lambda: srv.show("old", 1.0), lambda: srv.feedback("old", {"rating": 1.0, "timestamp": 1.0}),
+                    lambda: srv.predict("lm", {"instances": x, "session": "old", "timestamp": 1.0}),
+                    lambda: srv.predict("lm", {"instances": x, "session": "old", "timestamp": 1.0, "loop": "self"})):
+        with pytest.raises(BadRequest, match=r"session 'old' holds a non-finite state \[inf\].*\"reset\": true") as error:
+            attempt()
+        assert error.value.status == 409
+    assert srv.feedback("old", {"rating": 1.0, "timestamp": 2.0, "reset": True})["state"] == [1.0]
+    assert srv.show("old", 2.0)["updates"] == 2
+
+
+@pytest.mark.parametrize("route, body, message", [
+    ("feedback", {"rating": 1.0, "timestamp": 1e15}, r"`timestamp` 1000000000000000.0 lies more than 300.0 s ahead of the server.s clock"),
+    ("feedback", {"rating": 1.0, "timestamp": 10 ** 400}, r"`timestamp` must be a finite number. Got 1000"),
+    ("feedback", {"rating": 10 ** 400}, r"`rating` must be a finite number within"),
+    ("feedback", {"rating": 1.0, "reset": "yes"}, r"`reset` must be true or false"),
+    ("loop", {"timestamp": 1e15}, r"`timestamp` 1000000000000000.0 lies more than 300.0 s ahead"),
+    ("predict", {"session": "x" * 60_000}, r"`session` must be 1 to 128 characters"),
+    ("predict", {"session": 5}, r"`session` must be 1 to 128 characters.*Got 5"),
+    ("predict", {"signature_name": ["serve"]}, r"`signature_name` must be a string. Got \['serve'\]"),
+    ("predict", {"instances": [{"token_ids": [-1] * 8, "padding_mask": [1] * 8, "control": [0.0]}]}, r"'token_ids': -1 is out of range"),
+    ("predict", {"instances": [{"token_ids": [1.5] * 8, "padding_mask": [1] * 8, "control": [0.0]}]}, r"'token_ids': values must be integers"),
+    ("predict", {"instances": [{"token_ids": [2 ** 40] * 8, "padding_mask": [1] * 8, "control": [0.0]}]}, r"'token_ids': 1099511627776 is out"),
+])
+def test_bad_session_and_predict_values_are_a_400_and_change_nothing(exports, tmp_path, route, body, message):
+    srv = session_server(exports["lm"], tmp_path)
+    srv.store.update("s", lambda current: ([0.5], 0.0), 10)
+    with pytest.raises(BadRequest, match=message) as error:
+        if route == "feedback":
+            srv.feedback("s", body)
+        else:
+            base = {"instances": rows(padded_tokens()), "session": "s", "timestamp": 1.0, **({"loop": "self"} if route == "loop" else {})}
+            srv.predict("lm", {**base, **body})
+    assert error.value.status == 400
+    assert srv.store.get("s") == ([0.5], 0.0, 1)
+    assert srv.feedback("s", {"rating": 1.0})["updated_at"] == 1e4  # no timestamp: the server's clock
+
+
+def test_with_a_token_state_changes_need_it_and_reads_do_not(exports, tmp_path):
+    srv = session_server(exports["lm"], tmp_path, token="s3cret")
+    x = rows(padded_tokens())
+    for authorization in (None, "Bearer wrong", "Basic s3cret", "s3cret"):
+        with pytest.raises(BadRequest, match=r"session feedback changes state.*Authorization: Bearer") as error:
+            srv.feedback("t", {"rating": 1.0, "timestamp": 0.0}, authorization)
+        assert error.value.status == 401
+        with pytest.raises(BadRequest, match=r"a predict that updates its session") as error:
+            srv.predict("lm", {"instances": x, "session": "t", "loop": "self", "timestamp": 0.0}, authorization)
+        assert error.value.status == 401
+    assert srv.store.get("t") is None
+    assert srv.feedback("t", {"rating": 1.0, "timestamp": 0.0}, "Bearer s3cret")["updates"] == 1
+    assert srv.predict("lm", {"instances": x, "session": "t", "loop": "self", "timestamp": 0.0}, "bearer s3cret")["loop"]["updates"] == 2
+    assert "predictions" in srv.predict("lm", {"instances": x, "session": "t", "timestamp": 0.0})  # reads stay open
+    assert srv.show("t", 0.0)["updates"] == 2

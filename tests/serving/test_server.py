@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -29,15 +32,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def call(port, method, path, body=None, raw=None, timeout=60):
+def call(port, method, path, body=None, raw=None, timeout=60, token=None, with_headers=False):
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
+            status, answer, got = response.status, json.loads(response.read()), response.headers
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        status, answer, got = error.code, json.loads(error.read()), error.headers
+    return (status, answer, got) if with_headers else (status, answer)
 
 
 def oversized(port, path, length):
@@ -59,14 +63,16 @@ class Server:
         self.start()
 
     def start(self):
+        self.log = tempfile.TemporaryFile()  # the server's log (errors are logged with tracebacks); a pipe could fill up
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "keras_biasinject.cli.main", "serve", str(self.export_dir), "--port", str(self.port),
-             "--store", str(self.store), "--max-batch", "8", *self.extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             "--store", str(self.store), "--max-batch", "8", *self.extra], env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(self.process.stderr.read().decode()[-3000:])
+                self.log.seek(0)
+                raise RuntimeError(self.log.read().decode()[-3000:])
             try:
                 if call(self.port, "GET", "/v1/models/lm", timeout=2)[0] == 200:
                     return
@@ -78,6 +84,7 @@ class Server:
     def kill(self, sig=signal.SIGKILL):
         self.process.send_signal(sig)
         self.process.wait(timeout=60)
+        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +215,20 @@ def test_acknowledged_feedback_survives_kill_9(server):
     ("POST", "/v1/sessions/s1/feedback", {"feedback": [1.0, 2.0]}, 400, "list of 1 numbers"),
     ("POST", "/v1/sessions/s1/feedback", {"rating": "high"}, 400, "`rating` must be a finite number"),
     ("POST", "/v1/sessions/s1/feedback", b"x" * (2 << 20), 413, "request body over"),
+    # issue 17: hostile JSON, values Python or TensorFlow would choke on, ids that collide once decoded
+    ("POST", "/v1/sessions/s1/feedback", b"[" * 100_000 + b"]" * 100_000, 400, "malformed JSON: maximum recursion depth"),
+    ("POST", "/v1/sessions/s1/feedback", b'{"rating": ' + b"9" * 5000 + b"}", 400, "malformed JSON: Exceeds the limit"),
+    ("POST", "/v1/sessions/s1/feedback", b'{"rating": 1' + b"0" * 400 + b"}", 400, "`rating` must be a finite number within"),
+    ("POST", "/v1/sessions/s1/feedback", b'{"rating": 1, "timestamp": 1' + b"0" * 400 + b"}", 400, "`timestamp` must be a finite number"),
+    ("POST", "/v1/sessions/s1/feedback", {"rating": 3.5e38}, 400, "within [+]-3.40282e[+]38"),
+    ("POST", "/v1/sessions/%61lice/feedback", {"rating": 1.0}, 400, "session id must be 1 to 128 characters.*sent unencoded"),
+    ("GET", "/v1/sessions/%61lice", None, 400, "session id must be"),
+    ("POST", "/v1/sessions/" + "x" * 200 + "/feedback", {"rating": 1.0}, 400, "session id must be 1 to 128"),
+    ("POST", "/v1/models/lm:predict", {"inputs": {"token_ids": [[2 ** 40]], "padding_mask": [[1]], "control": [[0.0]]}}, 400, "1099511627776 is out of range"),
+    ("POST", "/v1/models/lm:predict", {"inputs": {"token_ids": [[-1]], "padding_mask": [[1]], "control": [[0.0]]}}, 400, "-1 is out of range"),
+    ("POST", "/v1/models/lm:predict", {"inputs": {"token_ids": [[1.5]], "padding_mask": [[1]], "control": [[0.0]]}}, 400, "must be integers"),
+    ("POST", "/v1/models/lm:predict", {"instances": [1], "signature_name": ["serve"]}, 400, "`signature_name` must be a string"),
+    ("POST", "/v1/models/lm:adapt", {"examples": {}}, 403, ":adapt is off on this server"),
 ])
 def test_bad_requests_get_a_clear_4xx(server, method, path, payload, status, message):
     import re
@@ -221,12 +242,45 @@ def test_bad_requests_get_a_clear_4xx(server, method, path, payload, status, mes
     assert call(server.port, "GET", "/v1/models/lm")[0] == 200  # still serving
 
 
+def test_a_chunked_body_is_cut_off_at_the_limit_while_it_streams(server):
+    """A chunked POST (no Content-Length) gets its 413 once 1 MiB + 1 byte came in, while the client is
+    still sending: the server never holds the whole body (before issue 17 it waited for all of it)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    connection.putrequest("POST", "/v1/sessions/s1/feedback")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders()
+    chunk = b"x" * 65536
+    for _ in range(20):  # 1.25 MiB of a body that never ends: no terminating chunk is sent
+        connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    response = connection.getresponse()  # before issue 17: a timeout, the server still waiting for the end
+    assert response.status == 413 and "request body over 1048576 bytes" in json.loads(response.read())["error"]
+    assert response.getheader("X-Request-Id")
+    connection.close()
+    assert call(server.port, "GET", "/v1/models/lm")[0] == 200
+
+
+TOKEN = "test-token-5f0c"
+
+
+def adapt_data():
+    """The tuning tests' examples: the tiny model's tokens at control 1, labelled with themselves."""
+    x = tokens()
+    return {**{k: v.tolist() for k, v in x.items()}, "control": np.ones((BATCH, 1)).tolist(), "labels": x["token_ids"].tolist()}
+
+
 @pytest.fixture(scope="module")
 def tuning_server(lm, tmp_path_factory):
     base = tmp_path_factory.mktemp("tuning")
     lm.save(base / "lm.keras")
     export_saved_model(lm, base, "lm", feedback=DecayFeedback(control_dim=1, half_life=10.0))
-    srv = Server(base / "lm", base / "sessions.sqlite", extra=["--source", str(base / "lm.keras")])
+    (base / "token").write_text(TOKEN + "\n")
+    (base / "heldout.json").write_text(json.dumps(adapt_data()))  # the server's held-out set
+    srv = Server(base / "lm", base / "sessions.sqlite", extra=[
+        "--source", str(base / "lm.keras"), "--token-file", str(base / "token"), "--allow-adapt",
+        "--adapt-heldout", str(base / "heldout.json"), "--adapt-max-learning-rate", "1.0", "--keep-versions", "2"])
     yield srv, base
     srv.kill(signal.SIGTERM)
 
@@ -234,14 +288,13 @@ def tuning_server(lm, tmp_path_factory):
 def test_adapt_publishes_only_when_heldout_loss_holds(tuning_server):
     srv, base = tuning_server
     x = tokens()
-    c = np.ones((BATCH, 1), "float32")
-    data = {**{k: v.tolist() for k, v in x.items()}, "control": c.tolist(), "labels": x["token_ids"].tolist()}
+    data = adapt_data()
     neutral = {"inputs": {**{k: v.tolist() for k, v in x.items()}, "control": np.zeros((BATCH, 1)).tolist()}}
-    steered = {"inputs": {**{k: v.tolist() for k, v in x.items()}, "control": c.tolist()}}
+    steered = {"inputs": {**{k: v.tolist() for k, v in x.items()}, "control": data["control"]}}
     _, neutral_v1 = call(srv.port, "POST", "/v1/models/lm:predict", neutral)
     _, steered_v1 = call(srv.port, "POST", "/v1/models/lm:predict", steered)
 
-    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": data, "heldout": data, "steps": 5, "learning_rate": 1e-2}, timeout=300)
+    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": data, "steps": 5, "learning_rate": 1e-2}, timeout=300, token=TOKEN)
     assert status == 200 and body["accepted"] and body["version"] == 2, body
     assert body["loss_after"] < body["loss_before"]
     assert (base / "lm" / "2" / "saved_model.pb").is_file()
@@ -253,16 +306,91 @@ def test_adapt_publishes_only_when_heldout_loss_holds(tuning_server):
 
     # Training on scrambled labels at a huge learning rate makes the held-out loss worse: rolled back.
     noise = {**data, "labels": np.random.default_rng(5).integers(1, VOCAB, x["token_ids"].shape).tolist()}
-    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": noise, "steps": 20, "learning_rate": 1.0}, timeout=300)
+    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": noise, "steps": 20, "learning_rate": 1.0}, timeout=300, token=TOKEN)
     assert status == 409 and "rolled back: held-out loss rose" in body["error"], body
     assert not (base / "lm" / "3").exists()
     assert call(srv.port, "POST", "/v1/models/lm:predict", steered)[1] == steered_v2  # still version 2's answers
     (base / "noise.json").write_text(json.dumps(noise))
     result = subprocess.run([sys.executable, "-m", "keras_biasinject.cli.main", "adapt", f"http://127.0.0.1:{srv.port}", "--name", "lm",
-                             "--examples", str(base / "noise.json"), "--steps", "20", "--learning-rate", "1.0"],
+                             "--examples", str(base / "noise.json"), "--steps", "20", "--learning-rate", "1.0",
+                             "--token-file", str(base / "token")],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode == 2 and "rolled back" in result.stderr  # kbi adapt says why
-    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": data, "steps": 1000})
-    assert status == 400 and "`steps` must be an integer from 1 to 100" in body["error"]
-    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": {"token_ids": [[1]]}})
+    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": data, "steps": 1000}, token=TOKEN)
+    assert status == 400 and "`steps` must be an integer from 1 to 20 (this server's bound)" in body["error"]
+    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": {"token_ids": [[1]]}}, token=TOKEN)
     assert status == 400 and "plus `labels`" in body["error"]
+
+
+@pytest.mark.parametrize("body, token, status, message", [
+    # issue 17, defect 1: the noise request that published a 0%-agreement version is refused outright
+    ({"heldout": "noise", "max_loss_increase": 1e9, "steps": 20, "learning_rate": 1.0}, None, 401, ":adapt changes state"),
+    ({"steps": 1}, "wrong", 401, "Authorization: Bearer"),
+    ({"heldout": "noise", "steps": 1}, TOKEN, 403, r"\['heldout'\] are the server's"),
+    ({"max_loss_increase": 1e9, "steps": 1}, TOKEN, 403, r"\['max_loss_increase'\] are the server's.*loss increase of 0.0"),
+    ({"steps": 21}, TOKEN, 400, "`steps` must be an integer from 1 to 20"),
+    ({"steps": 1, "learning_rate": 1.5}, TOKEN, 400, "at most 1.0 .this server's bound"),
+    ({"steps": 1, "shuffle": True}, TOKEN, 400, r"unknown \['shuffle'\]"),
+    # defects 2 and 10: the examples are checked before TensorFlow sees them
+    ({"labels": 0.5}, TOKEN, 400, r"'examples.labels': values must be integers \(int32\). Got 0.5"),
+    ({"labels": VOCAB}, TOKEN, 400, r"'examples.labels': 64 is out of range; values must lie in \[0, 64\)"),
+    ({"labels": "a"}, TOKEN, 400, "'examples.labels': values must be integers"),
+    ({"token_ids": VOCAB}, TOKEN, 400, r"'examples.token_ids': 64 is out of range; values must lie in \[0, 64\)"),
+    ({"token_ids": -1}, TOKEN, 400, r"'examples.token_ids': -1 is out of range"),
+    ({"sample_weight": float("nan")}, TOKEN, 400, "'examples.sample_weight': NaN or infinite"),
+    ({"segment_ids": 0}, TOKEN, 400, r"unknown \['segment_ids'\]"),
+])
+def test_adapt_needs_the_token_and_the_guard_is_the_servers(tuning_server, body, token, status, message):
+    srv, base = tuning_server
+    data = adapt_data()
+    examples = {**data, **{k: np.full(np.shape(data["token_ids"]) if k != "sample_weight" else (BATCH,), v).tolist()
+                           for k, v in body.items() if k in ("labels", "token_ids", "sample_weight", "segment_ids")}}
+    request = {"examples": examples, **{k: v for k, v in body.items() if k not in examples}}
+    versions = sorted(p.name for p in (base / "lm").iterdir())
+    got, answer, headers = call(srv.port, "POST", "/v1/models/lm:adapt", request, token=token, with_headers=True, timeout=300)
+    assert got == status and re.search(message, answer["error"]), answer
+    assert "Traceback" not in answer["error"] and "/" not in answer["error"]  # no stack, no server paths
+    if status == 401:
+        assert headers["WWW-Authenticate"] == "Bearer"
+    assert sorted(p.name for p in (base / "lm").iterdir()) == versions  # nothing published
+
+
+def test_a_failed_publish_answers_a_request_id_and_old_versions_are_pruned(tuning_server):
+    srv, base = tuning_server
+    data = adapt_data()
+    (base / "lm").rename(base / "lm-away")  # the next version cannot be written: publishing fails after training
+    (base / "lm").write_text("in the way")
+    try:
+        got, answer, headers = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": data, "steps": 2, "learning_rate": 1e-2},
+                                    token=TOKEN, with_headers=True, timeout=300)
+    finally:
+        (base / "lm").unlink()
+        (base / "lm-away").rename(base / "lm")
+    request_id = headers["X-Request-Id"]
+    assert got == 500 and answer == {"error": f"internal error; request id {request_id}"} and re.fullmatch("[0-9a-f]{32}", request_id)
+    (base / "lm" / "notes").mkdir()  # not a version: never pruned
+    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": data, "steps": 2, "learning_rate": 1e-2}, token=TOKEN, timeout=300)
+    assert status == 200 and body["version"] == 3, body
+    assert sorted(p.name for p in (base / "lm").iterdir() if not p.name.startswith(".")) == ["2", "3", "notes"]  # --keep-versions 2
+
+
+def test_a_failed_publish_restores_the_adapter_weights_bit_for_bit(tuning_server, tmp_path):
+    """In-process, so the live Keras model can be compared: a publish that fails after training leaves
+    every trainable weight exactly as before the request (before issue 17 the trained ones stayed)."""
+    from keras_biasinject.serving.app import AdaptPolicy, Limits, SessionServer
+    from keras_biasinject.serving.models import AdaptableModel, LoadedExport
+    from keras_biasinject.serving.store import SQLiteStore
+
+    _, base = tuning_server
+    shutil.copytree(base / "lm" / "2", tmp_path / "lm" / "2")
+    policy = AdaptPolicy(enabled=True, heldout=adapt_data(), max_learning_rate=1.0)
+    srv = SessionServer(LoadedExport(tmp_path / "lm"), SQLiteStore(tmp_path / "s.sqlite"), Limits(max_batch=8), time.time,
+                        AdaptableModel(base / "lm.keras"), policy=policy)
+    model = srv.adaptable.keras_model()
+    before = [keras.ops.convert_to_numpy(v).copy() for v in model.trainable_weights]
+    shutil.rmtree(tmp_path / "lm")
+    (tmp_path / "lm").write_text("in the way")
+    with pytest.raises(ValueError, match="is a file"):
+        srv.adapt("lm", {"examples": adapt_data(), "steps": 3, "learning_rate": 1e-2})
+    after = [keras.ops.convert_to_numpy(v) for v in model.trainable_weights]
+    assert len(before) == len(after) > 0 and all(np.array_equal(a, b) for a, b in zip(before, after))
