@@ -13,6 +13,7 @@
 
 import argparse
 import ast
+import linecache
 import os
 import sys
 from pathlib import Path
@@ -26,14 +27,23 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "files"  # -> 
 DEMO_RECIPE = "classify_fine_foods"
 
 
-def _value(text):
-    """A `--set` value: a Python/TOML-like literal (3, 1e-4, "x", [1, 2], true) or a bare string."""
+MAX_SET_CHARS = 1000  # a --set value longer than this is refused (under Python's cap of 4,300 digits on ints)
+
+
+def _value(key, text):
+    """A `--set` value: a Python/TOML-like literal (3, 1e-4, "x", [1, 2], true) or a bare string.
+    An empty value and a value over MAX_SET_CHARS raise ValueError."""
     lowered = {"true": True, "false": False, "none": None, "null": None}
+    if not text:
+        raise ValueError(f"--set {key}= has no value. Give one (e.g. {key}=3), or '' for an empty string.")
+    if len(text) > MAX_SET_CHARS:
+        raise ValueError(f"--set {key}: the value has {len(text):,} characters; at most {MAX_SET_CHARS:,} are read. "
+                         "Put long values in the recipe file.")
     if text.lower() in lowered:
         return lowered[text.lower()]
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
 
 
@@ -41,9 +51,9 @@ def _overrides(pairs):
     out = []
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"kbi: --set takes KEY=VALUE (e.g. train.epochs=3). Got {pair!r}.")
-        out.append((key.strip(), _value(value.strip())))
+        if not sep or not key.strip():
+            raise ValueError(f"--set takes KEY=VALUE (e.g. train.epochs=3). Got {pair[:80]!r}.")
+        out.append((key.strip(), _value(key.strip(), value.strip())))
     return out
 
 
@@ -55,7 +65,7 @@ def _recipe_path(name):
     if builtin.is_file():
         return builtin
     names = sorted(p.stem for p in RECIPE_DIR.glob("*.toml")) if RECIPE_DIR.is_dir() else []
-    raise SystemExit(f"kbi: no recipe file {name!r}. Give a .toml/.yaml path or a built-in recipe: {names}.")
+    raise FileNotFoundError(f"no recipe file {name!r}. Give a .toml/.yaml path or a built-in recipe: {names}.")
 
 
 def _print_table(report):
@@ -200,14 +210,39 @@ def build_parser():
     return parser
 
 
+def _user_error(command, error):
+    """Prints `kbi COMMAND: error: ...` on one line (at most 2,000 characters) and returns exit code 2."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in message:
+        message = f"{message}: {error.filename!r}"
+    if len(message) > 2000:
+        message = message[:2000] + " ..."
+    print(f"kbi {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _raised_by_us(error):
+    """True when a `raise TypeError(...)` of keras_biasinject raised it: one of our checks. A TypeError
+    that Python or a library raised (`None` where a list belongs, deep in a call) is a bug, not a user error."""
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    ours = f"{os.sep}keras_biasinject{os.sep}" in filename
+    return ours and linecache.getline(filename, tb.tb_lineno).strip().startswith("raise ")
+
+
 def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"kbi {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:  # bad input: a value, a file, a folder, a connection
+        return _user_error(args.command, error)
+    except TypeError as error:
+        if not _raised_by_us(error):
+            raise  # a TypeError from inside a library is a bug: keep its traceback
+        return _user_error(args.command, error)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         hint = f" Run the same command again to resume from {out}." if out else ""

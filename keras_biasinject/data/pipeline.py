@@ -19,6 +19,7 @@ Elements, batched, as `fit` expects them for the preprocessor passed in:
 
 import csv
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -242,8 +243,22 @@ def _read_source(source, split):
     return _read_tfds(source, split or "train")
 
 
+def _text_of(path):
+    """The file's text (UTF-8, with or without a BOM), or ValueError naming the line of the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(
+            f"File {str(path)!r} line {line}: not UTF-8 (byte {data[e.start:e.start + 1]!r} at column {column}). "
+            "Save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 old.csv > new.csv`."
+        ) from None
+
+
 def _read_csv(path):
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(_text_of(path), newline="") as f:
         reader = csv.reader(f)
         header, rows = None, []
         while True:
@@ -272,7 +287,7 @@ def _read_csv(path):
 
 def _read_jsonl(path):
     rows, columns = [], None
-    with open(path, encoding="utf-8-sig") as f:
+    with io.StringIO(_text_of(path)) as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -6,7 +6,11 @@ This module imports nothing else of keras_biasinject, so every layer of the pack
 
 import math
 
+import keras
 import numpy as np
+from keras import ops
+
+keras_tensor_type = getattr(keras, "KerasTensor", None)
 
 
 def check_positive_int(value, name, owner, allow_none=False):
@@ -19,10 +23,52 @@ def check_positive_int(value, name, owner, allow_none=False):
     return int(value)
 
 
-def check_positive_number(value, name, owner):
-    """Returns `value` as a float if it is a finite number above zero, or raises ValueError."""
+def check_positive_number(value, name, owner, allow_none=False):
+    """Returns `value` as a float if it is a finite number above zero, or raises ValueError; `None`
+    passes when `allow_none`."""
+    if allow_none and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
         math.isfinite(value) and value > 0
     ):
-        raise ValueError(f"{owner}: `{name}` must be a positive number. Got {name}={value!r}.")
+        what = "a positive number" + (" or None" if allow_none else "")
+        raise ValueError(f"{owner}: `{name}` must be {what}. Got {name}={value!r}; give a finite value above zero.")
     return float(value)
+
+
+def check_index(value, name, owner):
+    """Returns `value` as an int (Python or numpy integer, any sign), or raises ValueError; bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{owner}: `{name}` must be an integer. Got {name}={value!r}.")
+    return int(value)
+
+
+def concrete_values(tensor):
+    """`tensor`'s values as a numpy array, or None when it has none yet.
+
+    Concrete values: numpy arrays, Python numbers and lists, eager tensors (TensorFlow eager, JAX
+    outside `jit`, torch). A symbolic tensor (a `KerasTensor` while a functional model is built, a
+    graph tensor inside `tf.function`, a tracer inside `jax.jit`) has no values, so checks built on
+    this are a no-op while tracing: every backend raises on converting one, which is how it is told
+    apart without backend-specific code.
+    """
+    if keras_tensor_type is not None and isinstance(tensor, keras_tensor_type):
+        return None
+    if isinstance(tensor, (np.ndarray, np.generic, int, float, list, tuple)):
+        return np.asarray(tensor)
+    try:
+        return np.asarray(ops.convert_to_numpy(tensor))
+    except Exception:  # symbolic (graph tensor or tracer): no values to check
+        return None
+
+
+def check_finite_control(control, owner):
+    """Raises ValueError if `control` is concrete and holds NaN or inf (see `concrete_values`)."""
+    values = concrete_values(control)
+    if values is None or values.dtype.kind not in "fiu" or np.all(np.isfinite(values)):
+        return
+    raise ValueError(
+        f"{owner}: the control contains NaN or inf (got {np.array2string(values.reshape(-1)[:8], threshold=8)}"
+        f"{' ...' if values.size > 8 else ''}). A non-finite control makes every adapted output NaN and, "
+        "in training, every adapter weight: pass finite control values (drop or clip the bad rows)."
+    )

@@ -22,6 +22,8 @@ import threading
 import numpy as np
 from keras import ops
 
+from keras_biasinject.layers.checks import check_finite_control
+
 _scopes = threading.local()
 
 
@@ -51,7 +53,9 @@ def current_control():
 
 def check_neutral(neutral, control_dim, owner):
     """Returns `neutral` as a float or a list of `control_dim` floats, or raises ValueError."""
-    if isinstance(neutral, (int, float)) and not isinstance(neutral, bool):
+    if isinstance(neutral, bool) or (isinstance(neutral, (list, tuple)) and any(isinstance(v, bool) for v in neutral)):
+        raise ValueError(f"{owner}: `neutral` must be a float or a list of floats, not a bool. Got neutral={neutral!r}.")
+    if isinstance(neutral, (int, float)):
         values = [float(neutral)]
     else:
         values = np.asarray(neutral, dtype="float64").reshape(-1).tolist()
@@ -71,8 +75,11 @@ def centred_control(control, neutral, control_dim, max_lead, dtype, owner):
     """Checks a control and returns `control - neutral` in `dtype`.
 
     `max_lead` is how many leading (batch-like) axes the layer's output has: a control may vary
-    over at most that many.
+    over at most that many. A concrete control (eager) with NaN or inf raises ValueError; a symbolic
+    one (inside `tf.function` or `jax.jit`) cannot be checked here: `InjectedModel.fit`/`predict`
+    check their data before tracing.
     """
+    check_finite_control(control, owner)
     control = ops.convert_to_tensor(control)
     shape = tuple(control.shape)
     if len(shape) == 0 or len(shape) - 1 > max_lead:

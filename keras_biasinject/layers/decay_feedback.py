@@ -13,7 +13,7 @@ import numpy as np
 from keras import ops
 
 from keras_biasinject.layers import control as control_lib
-from keras_biasinject.layers.checks import check_positive_int
+from keras_biasinject.layers.checks import check_positive_int, check_positive_number
 
 
 @keras.saving.register_keras_serializable(package="keras_biasinject")
@@ -85,9 +85,7 @@ class DecayFeedback(keras.layers.Layer):
             )
         self.half_life = float(half_life_values[0]) if np.ndim(half_life) == 0 else half_life_values.tolist()
         self.neutral = control_lib.check_neutral(neutral, self.control_dim, name)
-        if max_norm is not None and not (isinstance(max_norm, (int, float)) and 0 < max_norm < math.inf):
-            raise ValueError(f"{name}: `max_norm` must be a positive finite number or None. Got max_norm={max_norm!r}.")
-        self.max_norm = None if max_norm is None else float(max_norm)
+        self.max_norm = check_positive_number(max_norm, "max_norm", name, allow_none=True)
         self.trainable_half_life = bool(trainable_half_life)
         self.gain_initializer = keras.initializers.get(gain_initializer)
         self.build()

@@ -11,7 +11,7 @@ from keras import ops
 
 from keras_biasinject.layers import control as control_lib
 from keras_biasinject.layers.adapter import ControlAdapter
-from keras_biasinject.layers.checks import check_positive_int
+from keras_biasinject.layers.checks import check_positive_int, check_positive_number
 from keras_biasinject.layers.projection import layer_path
 
 GATES = {"always": 1.0, "control": 0.0}  # gate name -> LoRA strength at the neutral control
@@ -90,8 +90,7 @@ class LoRABiasAdapter(ControlAdapter):
         rank = check_positive_int(rank, "rank", name)
         if gate not in GATES:
             raise ValueError(f"{name}: `gate` must be one of {sorted(GATES)}. Got gate={gate!r}.")
-        if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
-            raise ValueError(f"{name}: `alpha` must be a positive number or None. Got alpha={alpha!r}.")
+        alpha = check_positive_number(alpha, "alpha", name, allow_none=True)  # finite: inf or NaN gives NaN outputs
         kwargs.setdefault("name", self.default_name(base_layer))
         super().__init__(base_layer, control_dim, neutral, **kwargs)
         self.freeze_base()

@@ -9,14 +9,18 @@ A recipe is a TOML (or YAML) file with four tables, each a small dataclass below
     [train]   epochs, batch size, learning rate, methods, ...
     [feedback] the feedback head (method "feedback_head", causal_lm): pooling, activation, ...
 
-Unknown keys and bad values raise `ValueError` naming the table, the key and what is allowed.
+Unknown keys and bad values raise `ValueError` naming the table, the key and what is allowed; so do NaN
+and inf anywhere (`learning_rate = inf`, `--set train.learning_rate=1e999`), bools or floats where a
+count belongs, and counts beyond int32. Numpy integers pass wherever Python integers do.
 """
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import yaml
 
 from keras_biasinject.layers.checks import check_positive_int, check_positive_number
@@ -80,6 +84,33 @@ class FeedbackConfig:
     learning_rate: float = 1e-3  # peak of the same schedule as [train]'s
 
 
+MAX_COUNT = 2**31 - 1  # the largest count (epochs, steps, examples, tokens) a recipe takes: TensorFlow's int32
+
+
+def _count(value, name, owner, allow_none=False):
+    """`check_positive_int`, also refusing counts beyond MAX_COUNT (numpy integers pass, as ints)."""
+    value = check_positive_int(value, name, owner, allow_none=allow_none)
+    if value is not None and value > MAX_COUNT:
+        raise ValueError(f"{owner}: `{name}` must be at most {MAX_COUNT:,}. Got {name}={str(value)[:20]}... "
+                         f"({len(str(value)):,} digits).")
+    return value
+
+
+def _check_finite(value, key):
+    """Raises ValueError naming the first NaN or inf anywhere in `value` (a table, list or dataclass)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{name}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{key}[{index}]")
+    elif isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        raise ValueError(f"recipe: `{key}` = {value!r} is not a finite number. NaN and inf are refused everywhere in "
+                         "a recipe (they make every weight NaN): give a finite value.")
+
+
 def _build(cls, table, values):
     if values is None:
         return cls()
@@ -108,6 +139,8 @@ class Recipe:
     name: str = "recipe"  # used in report titles
 
     def __post_init__(self):
+        for table in ("model", "data", "inject", "train", "steer", "feedback"):
+            _check_finite(getattr(self, table), table)
         if self.task not in TASKS:
             raise ValueError(f"recipe: task must be one of {list(TASKS)}. Got task={self.task!r}.")
         self.model = _build(ModelConfig, "model", self.model)
@@ -131,6 +164,7 @@ class Recipe:
         self.train.methods = methods
         self._check_feedback(methods)
         self._check_numbers()
+        self._check_steer()
 
     def _check_feedback(self, methods):
         from keras_biasinject.layers.feedback_head import ACTIVATIONS, POOLINGS
@@ -150,36 +184,53 @@ class Recipe:
         if fb.pooling not in ("last", "mean") or fb.activation not in ACTIVATIONS:
             raise ValueError(f"recipe: [feedback] pooling must be 'last' or 'mean' (of {list(POOLINGS)}) and activation one "
                              f"of {list(ACTIVATIONS)}. Got pooling={fb.pooling!r}, activation={fb.activation!r}.")
-        check_positive_int(fb.epochs, "epochs", "recipe: [feedback]")
-        check_positive_number(fb.learning_rate, "learning_rate", "recipe: [feedback]")
+        fb.epochs = _count(fb.epochs, "epochs", "recipe: [feedback]")
+        fb.learning_rate = check_positive_number(fb.learning_rate, "learning_rate", "recipe: [feedback]")
         j = fb.control_jitter
         if isinstance(j, bool) or not isinstance(j, (int, float)) or not 0 <= j < float("inf"):
             raise ValueError(f"recipe: [feedback] control_jitter must be a number >= 0. Got control_jitter={j!r}.")
 
     def _check_numbers(self):
         train, model = self.train, self.model
-        for name in ("epochs", "batch_size", "patience"):
-            check_positive_int(getattr(train, name), name, "recipe: [train]")
+        for name in ("epochs", "batch_size", "patience"):  # numpy integers pass, stored as ints (report.json)
+            setattr(train, name, _count(getattr(train, name), name, "recipe: [train]"))
         seed = train.seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"recipe: [train]: `seed` must be an integer >= 0. Got seed={seed!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_COUNT:
+            raise ValueError(f"recipe: [train]: `seed` must be an integer in [0, {MAX_COUNT}]. Got seed={str(seed)[:40]}.")
+        train.seed = int(seed)
         if train.save_freq != "epoch":
             try:
-                check_positive_int(train.save_freq, "save_freq", "recipe: [train]")
+                train.save_freq = _count(train.save_freq, "save_freq", "recipe: [train]")
             except ValueError:
                 raise ValueError(f'recipe: [train]: `save_freq` must be "epoch" or a positive number of steps. '
                                  f"Got save_freq={train.save_freq!r}.") from None
         for name in ("max_train_examples", "max_eval_examples"):
-            check_positive_int(getattr(train, name), name, "recipe: [train]", allow_none=True)
+            setattr(train, name, _count(getattr(train, name), name, "recipe: [train]", allow_none=True))
         for name in ("learning_rate", "full_learning_rate"):
-            check_positive_number(getattr(train, name), name, "recipe: [train]")
-        check_positive_int(model.sequence_length, "sequence_length", "recipe: [model]")
-        check_positive_int(model.num_classes, "num_classes", "recipe: [model]", allow_none=True)
+            setattr(train, name, check_positive_number(getattr(train, name), name, "recipe: [train]"))
+        model.sequence_length = _count(model.sequence_length, "sequence_length", "recipe: [model]")
+        model.num_classes = _count(model.num_classes, "num_classes", "recipe: [model]", allow_none=True)
         d = model.dropout
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1):
             raise ValueError(f"recipe: [model] dropout must be a number in [0, 1), or left out. Got dropout={d!r}.")
         if self.task == "causal_lm" and self.model.num_classes is not None:
             raise ValueError("recipe: [model] num_classes is for task='classification'; remove it for 'causal_lm'.")
+
+    def _check_steer(self):
+        steer, owner = self.steer, "recipe: [steer]"
+        for name in ("samples", "prompt_words", "max_length"):
+            setattr(steer, name, _count(getattr(steer, name), name, owner))
+        label = steer.positive_label
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+            raise ValueError(f"{owner}: `positive_label` must be an integer >= 0. Got positive_label={label!r}.")
+        steer.positive_label = int(label)
+        controls = steer.controls
+        if not isinstance(controls, (list, tuple)) or not controls or not all(
+            isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, bool) for c in controls
+        ):
+            raise ValueError(f"{owner}: `controls` must be a non-empty list of numbers. Got controls={controls!r}.")
+        if steer.judge is not None and not isinstance(steer.judge, str):
+            raise ValueError(f"{owner}: `judge` must be a run folder (a string) or left out. Got judge={steer.judge!r}.")
 
     def to_dict(self):
         return {

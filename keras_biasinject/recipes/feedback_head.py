@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from keras_biasinject.layers.feedback_head import FeedbackHead
 from keras_biasinject.recipes.datasets import split_dataset
+from keras_biasinject.recipes.divergence import NonFiniteGuard
 from keras_biasinject.recipes.run_folder import base_model
 from keras_biasinject.rewrite.adapter_file import load_adapter
 from keras_biasinject.rewrite.feedback import add_feedback_head
@@ -87,7 +88,8 @@ def run_feedback_head(recipe, run_dir, verbose=1):
                   loss={"feedback": keras.losses.BinaryCrossentropy() if sigmoid else keras.losses.MeanSquaredError()})
     frozen, start = FrozenSnapshot(model), time.perf_counter()
     with preprocessor_detached(model):
-        fit = model.fit(train, validation_data=validation, epochs=fb.epochs, verbose=verbose)
+        fit = model.fit(train, validation_data=validation, epochs=fb.epochs, verbose=verbose,
+                        callbacks=[NonFiniteGuard("feedback_head", fb.learning_rate)])  # raises at NaN/inf
         seconds = time.perf_counter() - start
         if frozen.changed(model):
             raise RuntimeError(f"feedback_head: weight {frozen.changed(model)[0]!r} changed while only the head trains; "

@@ -5,11 +5,14 @@ Everything is standard Keras: `model.fit` with validation, early stopping, a war
 learning-rate schedule, TensorBoard logs, a best-weights checkpoint and a backup: per epoch
 (`BackupAndRestore`, made atomic) or, with `[train] save_freq = N`, every N steps, where a killed
 run resumes at exactly that step (`fit_resumable`). A finished method's result is kept in `report.json`; running
-the same recipe into the same folder again skips it, so Ctrl-C never loses finished work.
+the same recipe into the same folder again skips it, so Ctrl-C never loses finished work. Training that reaches
+a NaN or inf loss or weight stops and raises `TrainingDiverged` (recipes/divergence.py); nothing of that method
+is written.
 """
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -23,8 +26,9 @@ from keras_biasinject.distribute.workarounds import keras_fixes
 from keras_biasinject.recipes.config import Recipe
 from keras_biasinject.recipes.feedback_head import run_feedback_head
 from keras_biasinject.recipes.datasets import compile_for_recipe, control_vector, score, split_dataset, with_control
+from keras_biasinject.recipes.divergence import NonFiniteGuard, TrainingDiverged
 from keras_biasinject.recipes.methods import PREPARE
-from keras_biasinject.recipes.report import write_plots
+from keras_biasinject.recipes.report import read_report, write_plots
 from keras_biasinject.recipes.run_folder import base_model
 from keras_biasinject.recipes.steering import steering_curve
 from keras_biasinject.rewrite.adapter_file import save_adapter
@@ -34,8 +38,12 @@ from keras_biasinject.rewrite.injected_model import InjectedModel
 from keras_biasinject.rewrite.kerashub import preprocessor_detached
 
 
+def _peak_learning_rate(recipe, method):
+    return recipe.train.full_learning_rate if method == "full" else recipe.train.learning_rate
+
+
 def _optimizer(recipe, steps, method):
-    peak = recipe.train.full_learning_rate if method == "full" else recipe.train.learning_rate
+    peak = _peak_learning_rate(recipe, method)
     warmup = max(1, steps // 10)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=max(1, steps - warmup), alpha=0.1, warmup_target=peak, warmup_steps=warmup
@@ -44,13 +52,15 @@ def _optimizer(recipe, steps, method):
 
 
 def _callbacks(recipe, run_dir, method):
-    """EarlyStopping, the best-weights checkpoint and TensorBoard (the backup is added by `_fit`)."""
+    """EarlyStopping, the best-weights checkpoint, TensorBoard and, last, the guard that stops at the
+    first NaN or inf loss and raises `TrainingDiverged` (the backup is added by `_fit`)."""
     return [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.train.patience, restore_best_weights=True),
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "checkpoints" / f"{method}.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
         ),
         keras.callbacks.TensorBoard(str(run_dir / "logs" / method)),
+        NonFiniteGuard(method, _peak_learning_rate(recipe, method)),
     ]
 
 
@@ -59,16 +69,22 @@ def _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy
     `save_freq` steps (`fit_resumable`: a killed run resumes at exactly the step of its last backup).
     Returns (history dict, the step resumed from)."""
     callbacks = _callbacks(recipe, run_dir, method)
-    with keras_fixes():  # multi-worker fit: keras-team/keras#20329, tensorflow/tensorflow#72388
-        if recipe.train.save_freq == "epoch":
-            backup = AtomicBackupAndRestore(str(run_dir / "backup" / method))  # each worker its own
-            fit = model.fit(train, validation_data=validation, epochs=recipe.train.epochs,
-                            callbacks=[backup, *callbacks], verbose=verbose)
-            histories, resumed = [fit.history], None
-        else:
-            histories, resumed = fit_resumable(model, train, recipe.train.epochs, str(backup_dir), recipe.train.save_freq,
-                                               chief=is_chief(strategy), callbacks=callbacks, validation_data=validation,
-                                               verbose=verbose)
+    try:
+        with keras_fixes():  # multi-worker fit: keras-team/keras#20329, tensorflow/tensorflow#72388
+            if recipe.train.save_freq == "epoch":
+                backup = AtomicBackupAndRestore(str(run_dir / "backup" / method))  # each worker its own
+                fit = model.fit(train, validation_data=validation, epochs=recipe.train.epochs,
+                                callbacks=[backup, *callbacks], verbose=verbose)
+                histories, resumed = [fit.history], None
+            else:
+                histories, resumed = fit_resumable(model, train, recipe.train.epochs, str(backup_dir), recipe.train.save_freq,
+                                                   chief=is_chief(strategy), callbacks=callbacks, validation_data=validation,
+                                                   verbose=verbose)
+    except TrainingDiverged:  # the next run starts this method afresh, not from NaN weights
+        shutil.rmtree(run_dir / "backup" / method, ignore_errors=True)  # this worker's epoch backup
+        if is_chief(strategy):
+            shutil.rmtree(backup_dir, ignore_errors=True)  # the shared step backup
+        raise
     history = {}
     for part in histories:
         for key, values in part.items():
@@ -149,8 +165,8 @@ def _start_report(recipe, run_dir):
     as_json = json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as report.json holds them
     if not report_path.exists():
         return {"recipe": as_json, "results": [], "history": {}}
-    previous = json.loads(report_path.read_text())
-    if _with_defaults(previous.get("recipe")) != as_json:
+    previous = read_report(report_path)
+    if _with_defaults(previous["recipe"]) != as_json:
         raise ValueError(
             f"finetune: {str(run_dir)!r} holds the report of a different recipe; it is never overwritten. "
             "Choose another output folder, or delete that one."

@@ -1,6 +1,26 @@
-"""Plots and the results table of a recipe run (`report.json` is written by `finetune`)."""
+"""Plots and the results table of a recipe run (`report.json` is written by `finetune`), and
+reading a `report.json` back."""
 
+import json
 from pathlib import Path
+
+
+def read_report(path):
+    """The report dict in `path` (a run's `report.json`), or ValueError naming the file and the fix
+    when it is not valid UTF-8 JSON holding a "recipe" table (truncated, hand-edited, another file)."""
+    fix = ("it was cut short or edited by hand. Restore it, or run `kbi finetune` again into a new folder "
+           "(finished methods are read from this file).")
+    try:
+        report = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{str(path)!r} is not a valid report ({error}): {fix}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("recipe"), dict) or not isinstance(
+        report.get("results", []), list
+    ):
+        raise ValueError(f"{str(path)!r} is not a valid report (no \"recipe\" table or \"results\" list): {fix}")
+    report.setdefault("results", [])
+    report.setdefault("history", {})
+    return report
 
 
 def results_table(report):

@@ -5,7 +5,6 @@ A run folder is what `finetune` writes: `report.json` (which holds the recipe), 
 trained bias injection, written by `save_adapter`) and, for classification, `classifier.keras`.
 """
 
-import json
 from pathlib import Path
 
 import keras
@@ -13,6 +12,7 @@ import keras
 from keras_biasinject.models.load import load
 from keras_biasinject.recipes.config import Recipe
 from keras_biasinject.recipes.datasets import num_classes
+from keras_biasinject.recipes.report import read_report
 from keras_biasinject.rewrite.adapter_file import load_adapter
 
 LOAD_TASK = {"classification": "classifier", "causal_lm": "causal_lm"}  # recipe task -> `load(task=)`
@@ -23,7 +23,12 @@ def base_model(recipe, dropout=None):
     extra = {} if dropout is None else {"dropout": float(dropout)}
     if recipe.task == "classification":
         extra["num_classes"] = num_classes(recipe)
-    return load(recipe.model.spec, task=LOAD_TASK[recipe.task], sequence_length=recipe.model.sequence_length, **extra)
+    model = load(recipe.model.spec, task=LOAD_TASK[recipe.task], sequence_length=recipe.model.sequence_length, **extra)
+    maximum = getattr(model.backbone, "max_sequence_length", None)  # learned position embeddings (BERT, GPT-2)
+    if isinstance(maximum, int) and recipe.model.sequence_length > maximum:
+        raise ValueError(f"recipe: [model] sequence_length={recipe.model.sequence_length} is more than {recipe.model.spec!r} "
+                         f"has position embeddings for (max_sequence_length={maximum}). Set sequence_length <= {maximum}.")
+    return model
 
 
 def run_recipe(run):
@@ -31,7 +36,14 @@ def run_recipe(run):
     path = Path(run) / "report.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(run)!r} has no report.json; give a folder written by `kbi finetune`.")
-    return Recipe(**json.loads(path.read_text())["recipe"])
+    saved = read_report(path)["recipe"]
+    try:
+        return Recipe(**saved)
+    except TypeError as error:  # unknown or missing keys in the saved recipe
+        raise ValueError(f"{str(path)!r} holds a recipe this version cannot read ({error}). Restore the file, "
+                         "or run `kbi finetune` again into a new folder.") from None
+    except ValueError as error:
+        raise ValueError(f"{str(path)!r}: {error}") from None
 
 
 def load_run_model(run):

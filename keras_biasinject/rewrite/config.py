@@ -1,9 +1,11 @@
 """`InjectionConfig`: which layers get control inputs, and what kind of adapter."""
 
 import dataclasses
+import re
 from typing import Optional, Sequence, Union
 
-from keras_biasinject.layers.checks import check_positive_int
+from keras_biasinject.layers.checks import check_index, check_positive_int, check_positive_number
+from keras_biasinject.layers.control import check_neutral
 from keras_biasinject.layers.kinds import ADAPTER_KINDS
 from keras_biasinject.layers.lora_bias_adapter import GATES
 
@@ -47,31 +49,21 @@ class InjectionConfig:
             raise ValueError(f"InjectionConfig: `kind` must be one of {list(KINDS)}. Got kind={self.kind!r}.")
         if self.gate not in GATES:
             raise ValueError(f"InjectionConfig: `gate` must be one of {sorted(GATES)}. Got gate={self.gate!r}.")
-        for name in ("rank", "control_dim"):
-            check_positive_int(getattr(self, name), name, "InjectionConfig")
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise ValueError(f"InjectionConfig: `alpha` must be a positive number or None. Got alpha={self.alpha!r}.")
+        for name in ("rank", "control_dim"):  # numpy integers pass, as Python ints (so that to_dict is JSON)
+            setattr(self, name, check_positive_int(getattr(self, name), name, "InjectionConfig"))
+        self.alpha = check_positive_number(self.alpha, "alpha", "InjectionConfig", allow_none=True)
+        self.neutral = check_neutral(self.neutral, self.control_dim, "InjectionConfig")
         if self.kind == "bias" and self.gate == "always":
             raise ValueError(
                 "InjectionConfig: kind='bias' adds only (c - neutral) V, which is zero at the neutral "
                 "control; gate='always' has no meaning there. Use gate='control' or kind='lora_bias'."
             )
+        if self.targets is None:
+            raise ValueError(f"InjectionConfig: `targets` must name the layers to adapt: a preset ({sorted(PRESETS)}), "
+                             "a regex or a list of path suffixes. Got targets=None.")
         for name in ("targets", "exclude", "trainable"):
-            value = getattr(self, name)
-            if value is None or isinstance(value, str):
-                continue
-            if not all(isinstance(item, str) and item for item in value):
-                raise ValueError(
-                    f"InjectionConfig: `{name}` must be a preset name, a regex string or a list of "
-                    f"path suffixes. Got {name}={value!r}."
-                )
-            setattr(self, name, list(value))
-        if self.blocks is not None:
-            if isinstance(self.blocks, range):
-                self.blocks = list(self.blocks)
-            if not all(isinstance(b, int) and not isinstance(b, bool) for b in self.blocks):
-                raise ValueError(f"InjectionConfig: `blocks` must be a list of block indices. Got blocks={self.blocks!r}.")
-            self.blocks = list(self.blocks)
+            setattr(self, name, _pattern(getattr(self, name), name))
+        self.blocks = _blocks(self.blocks)
         if self.trainable is None:
             self.trainable = []
 
@@ -85,3 +77,35 @@ class InjectionConfig:
         if unknown:
             raise ValueError(f"InjectionConfig: unknown keys {unknown}; allowed keys are {sorted(known)}.")
         return cls(**data)
+
+
+def _pattern(value, name):
+    """A pattern checked: None, a preset, a regex that compiles, or a list of non-empty path suffixes."""
+    if value is None or (isinstance(value, str) and value in PRESETS):
+        return value
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"InjectionConfig: `{name}`={value!r} is not a valid regex ({error}). Fix the pattern, "
+                             f"or give a preset ({sorted(PRESETS)}) or a list of path suffixes.") from None
+        return value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError(
+            f"InjectionConfig: `{name}` must be a preset name, a regex string or a list of "
+            f"path suffixes. Got {name}={value!r}."
+        )
+    return list(value)
+
+
+def _blocks(blocks):
+    """None, or a list of block indices (Python or numpy integers; negatives count from the end)."""
+    if blocks is None:
+        return None
+    if not isinstance(blocks, (list, tuple, range)):
+        raise ValueError(f"InjectionConfig: `blocks` must be a list of block indices (e.g. [0, 1] or [-1]) or None "
+                         f"for all blocks. Got blocks={blocks!r}.")
+    try:
+        return [check_index(b, "blocks", "InjectionConfig") for b in blocks]
+    except ValueError:
+        raise ValueError(f"InjectionConfig: `blocks` must be a list of block indices. Got blocks={blocks!r}.") from None

@@ -14,6 +14,10 @@ object to a subclass made once per class, `Injected<Class>`, which adds:
 - `named_controls`: control vectors stored under names (`"positive"`), saved with the model and with
   `save_adapter`, and accepted wherever a control is (`model({..., "control": ["positive", "off"]})`,
   `generate(..., control="positive")`).
+- non-finite controls refused: a concrete (numpy, list, eager tensor) control holding NaN or inf
+  raises ValueError in `call`, `fit`, `predict`, `evaluate` and `generate`; a control inside a
+  `tf.data.Dataset` or traced (`tf.function`, `jax.jit`) has no values to read ahead, so `fit` also
+  checks the trainable weights after training and raises if any became NaN or inf.
 """
 
 import math
@@ -23,6 +27,7 @@ import keras_hub
 import numpy as np
 from keras import ops
 
+from keras_biasinject.layers.checks import check_finite_control
 from keras_biasinject.layers.control import control_scope, current_control
 from keras_biasinject.rewrite import feedback as feedback_lib
 from keras_biasinject.rewrite.config import InjectionConfig
@@ -38,6 +43,26 @@ def _split_control(inputs, model=None):
         control = inputs.pop("control")
         return inputs, control if model is None else model.resolve_control(control)
     return inputs, current_control()
+
+
+def _check_data_control(x, where):
+    """Raises ValueError if `x` is a dict whose "control" has concrete NaN or inf values.
+
+    Numpy arrays, lists and eager tensors are checked; a symbolic control (inside `tf.function` or
+    `jax.jit`, where Keras runs `fit`/`predict` steps) has no values yet and is not."""
+    if isinstance(x, dict) and "control" in x and not _is_names(x["control"]):
+        check_finite_control(x["control"], f"{where}: inputs['control']")
+
+
+def check_finite_weights(model, where):
+    """Raises ValueError naming the trainable weights of `model` that hold NaN or inf."""
+    bad = [w.path for w in model.trainable_weights if not np.all(np.isfinite(ops.convert_to_numpy(w)))]
+    if bad:
+        raise ValueError(
+            f"{where}: training made {len(bad)} trainable weight(s) NaN or inf ({bad[:4]}{' ...' if len(bad) > 4 else ''}): "
+            "it diverged. Likely causes: a learning rate too high, or NaN/inf in the data or the control. Lower the "
+            "learning rate or clean the data, and reload the weights (e.g. `load_adapter`) before using this model."
+        )
 
 
 def _is_names(control):
@@ -90,6 +115,7 @@ class InjectedModel:
     def __call__(self, inputs, *args, **kwargs):
         if isinstance(inputs, dict) and _is_names(inputs.get("control")):  # names -> vectors, before tracing
             inputs = {**inputs, "control": self.resolve_control(inputs["control"])}
+        _check_data_control(inputs, "call")
         if isinstance(inputs, dict) and isinstance(inputs.get("control"), (np.ndarray, list, tuple, float, int)):
             # Keras refuses a dict that mixes tensors (from a preprocessor) with arrays: match them.
             if any(keras.ops.is_tensor(v) for k, v in inputs.items() if k != "control"):
@@ -110,6 +136,24 @@ class InjectedModel:
         mask = inputs.get("padding_mask") if isinstance(inputs, dict) else None
         reading = head(hidden, padding_mask=mask, per_token=feedback_lib.reads_per_token(self))
         return feedback_lib.with_feedback(self, outputs, reading)
+
+    def fit(self, x=None, *args, **kwargs):
+        """`Model.fit`, refusing a concrete non-finite control in `x` before training and a NaN or inf
+        trainable weight after it (see `check_finite_weights`). A control inside a `tf.data.Dataset` or
+        a generator is not read ahead; a non-finite one there is caught by the check after training."""
+        _check_data_control(x, "fit")
+        history = super().fit(x, *args, **kwargs)
+        check_finite_weights(self, "fit")
+        return history
+
+    def predict(self, x, *args, **kwargs):
+        """`Model.predict`, refusing a concrete non-finite control in `x` (it would give NaN outputs)."""
+        _check_data_control(x, "predict")
+        return super().predict(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        _check_data_control(x, "evaluate")
+        return super().evaluate(x, *args, **kwargs)
 
     def compute_output_spec(self, inputs, *args, **kwargs):
         inputs, _ = _split_control(inputs)
@@ -209,6 +253,7 @@ class InjectedCausalLM(InjectedModel):
 
     def _generate(self, inputs, max_length, stop_token_ids, strip_prompt, control):
         control = self.resolve_control(control)
+        check_finite_control(control, "generate")
         if control is None or self.preprocessor is None:
             if control is not None:  # no preprocessor: inputs are token dicts; carry the control in them
                 inputs = {**inputs, "control": control}

@@ -61,8 +61,66 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert main(["finetune", str(recipe), "--out", str(tmp_path / "run")]) == 2
     assert "unknown key(s) ['epoch'] in [train]" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    with pytest.raises(SystemExit, match="--set takes KEY=VALUE"):
-        main(["finetune", str(recipe), "--out", str(tmp_path / "run"), "--set", "epochs"])
+    assert main(["finetune", str(recipe), "--out", str(tmp_path / "run"), "--set", "epochs"]) == 2
+    assert "kbi finetune: error: --set takes KEY=VALUE" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (code, err)
+    return err
+
+
+@pytest.mark.parametrize("toml, sets, message", [
+    ('epochs = "1"', [], r"kbi finetune: error: recipe: \[train\]: `epochs` must be a positive integer. Got epochs='1'"),
+    ("epochs = 1", ["train.epochs="], r"--set train.epochs= has no value. Give one \(e.g. train.epochs=3\)"),
+    ("epochs = 1", ["train.epochs=" + "9" * 5000], r"--set train.epochs: the value has 5,000 characters; at most 1,000"),
+    ("epochs = 1", ["train.epochs=" + "9" * 999], r"`epochs` must be at most 2,147,483,647. Got epochs=9{20}\.\.\. \(999 digits\)"),
+    ("epochs = 1", ["train.epochs=True"], r"`epochs` must be a positive integer. Got epochs=True"),
+    ("epochs = 1", ["train.epochs=1.5"], r"`epochs` must be a positive integer. Got epochs=1.5"),
+    ("epochs = 1", ["train.learning_rate=1e999"], r"recipe: `train.learning_rate` = inf is not a finite number"),
+    ("epochs = 1", ["inject.alpha=1e999"], r"recipe: `inject.alpha` = inf is not a finite number"),
+    ("epochs = 1", ["inject.targets='(('"], r"`targets`='\(\(' is not a valid regex"),
+    ("epochs = 1", ["inject.blocks=0"], r"`blocks` must be a list of block indices \(e.g."),
+    ("epochs = 1", ["inject.targets=None"], r"`targets` must name the layers to adapt"),
+])
+def test_bad_values_exit_2_with_one_line_naming_the_key(tmp_path, capsys, toml, sets, message):
+    import re
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(SMALL.format(methods='["base"]', epochs=1, train=16).replace("epochs = 1", toml))
+    argv = ["finetune", str(recipe), "--out", str(tmp_path / "run")]
+    for item in sets:
+        argv += ["--set", item]
+    assert re.search(message, _one_line_error(capsys, argv))
+    assert not (tmp_path / "run").exists()
+
+
+def test_file_errors_exit_2_with_one_line(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(SMALL.format(methods='["base"]', epochs=1, train=16))
+    (tmp_path / "file").write_text("x")
+    err = _one_line_error(capsys, ["finetune", "no_such_recipe", "--out", str(tmp_path / "run")])
+    assert "no recipe file 'no_such_recipe'" in err
+    err = _one_line_error(capsys, ["finetune", str(recipe), "--out", str(tmp_path / "file" / "run")])  # NotADirectoryError
+    assert "kbi finetune: error: " in err and "file" in err
+    run = tmp_path / "cut"
+    run.mkdir()
+    (run / "report.json").write_text('{"recipe": {"task": "classif')  # truncated
+    err = _one_line_error(capsys, ["evaluate", str(run)])
+    assert "report.json' is not a valid report (Unterminated string" in err and "Restore it, or run `kbi finetune`" in err
+
+
+def test_only_our_own_type_errors_are_user_errors():
+    from keras_biasinject.cli.main import _raised_by_us
+    from keras_biasinject.models.load import load
+
+    with pytest.raises(TypeError) as ours:
+        load(5)
+    with pytest.raises(TypeError) as python:
+        len(None)
+    assert _raised_by_us(ours.value) and not _raised_by_us(python.value)
 
 
 @pytest.fixture(scope="module")

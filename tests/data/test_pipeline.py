@@ -212,3 +212,16 @@ def test_config_round_trip():
     assert config.control_map == {"a": [1.0, 0.0], "2": [0.0, 1.0]}
     assert (config.control_dim, config.class_names) == (2, ["a", "2"])
     assert DataConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("name", ["r.csv", "r.jsonl"])
+def test_a_non_utf8_file_names_the_file_and_the_line(tmp_path, name):
+    rows = [b"text,label", b"a,great", b"caf\xe9,other"] if name == "r.csv" else [
+        b'{"text": "a", "label": "great"}', b'{"text": "caf\xe9", "label": "other"}']
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    config = DataConfig(str(path), text_column="text", label_column="label", control_map=CONTROLS)
+    line = len(rows)
+    with pytest.raises(ValueError, match=rf"File '.*{name}' line {line}: not UTF-8 \(byte b'\\xe9' at column \d+\)\. "
+                                         "Save the file as UTF-8"):
+        read_examples(config)

@@ -119,6 +119,13 @@ def test_bad_inputs_name_the_argument_the_value_and_the_fix():
     for half_life in [0.0, -2.0, math.inf, [1.0, 2.0, 3.0]]:
         with pytest.raises(ValueError, match="`half_life` must be one positive finite number or 2"):
             DecayFeedback(control_dim=2, half_life=half_life)
-    with pytest.raises(ValueError, match="`max_norm` must be a positive finite number"):
+    with pytest.raises(ValueError, match="`max_norm` must be a positive number or None"):
         DecayFeedback(control_dim=2, half_life=1.0, max_norm=0)
     assert numpy(layer.state).tolist() == [0.0, 0.0]  # rejected inputs never touched the state
+
+
+def test_max_norm_takes_numpy_numbers_and_refuses_non_finite():
+    assert DecayFeedback(control_dim=1, half_life=2.0, max_norm=np.float32(1.5)).max_norm == 1.5
+    for bad in (float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match=f"`max_norm` must be a positive number or None. Got max_norm={bad}"):
+            DecayFeedback(control_dim=1, half_life=2.0, max_norm=bad)

@@ -219,3 +219,40 @@ def test_quantized_base_works_unmerged_and_refuses_merge():
     with pytest.raises(ValueError, match="quantized"):
         adapter.merge([1.0])
     assert ops.convert_to_numpy(base._kernel).dtype == np.int8
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), 0.0, True])
+def test_non_finite_alpha_is_refused_also_from_a_tampered_config(alpha):
+    base, _ = make_base("dense_gelu")
+    with pytest.raises(ValueError, match=f"`alpha` must be a positive number or None. Got alpha={alpha}"):
+        LoRABiasAdapter(base, rank=2, control_dim=1, alpha=alpha)
+    config = LoRABiasAdapter(base, rank=2, control_dim=1).get_config()
+    with pytest.raises(ValueError, match="`alpha` must be a positive number or None"):
+        LoRABiasAdapter.from_config({**config, "alpha": alpha})  # as a hand-edited .keras config
+
+
+def test_numpy_numbers_are_accepted_and_bools_refused():
+    base, x = make_base("dense_gelu")
+    adapter = LoRABiasAdapter(base, rank=np.int64(2), control_dim=np.int32(1), alpha=np.float32(4))
+    assert type(adapter.rank) is int and adapter.scale == 2.0
+    base, _ = make_base("dense_gelu")
+    with pytest.raises(ValueError, match="`neutral` must be a float or a list of floats, not a bool"):
+        LoRABiasAdapter(base, rank=2, control_dim=1, neutral=True)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_concrete_non_finite_control_raises_and_a_traced_one_is_not_read(bad):
+    base, x = make_base("einsum_qkv")
+    adapter = LoRABiasAdapter(base, rank=2, control_dim=1, gate="control")
+    c = controls(1)["per_example"].copy()
+    c[0, 0] = bad
+    for control in (c, ops.convert_to_tensor(c), c[0]):
+        with pytest.raises(ValueError, match="the control contains NaN or inf .* pass finite control values"):
+            adapter(x, control=control)
+    with pytest.raises(ValueError, match="the control contains NaN or inf"):
+        with control_scope(c):
+            adapter(x)
+    # Symbolic controls (a functional model being built) have no values: no check, no error.
+    x_in, control_in = keras.Input(x.shape[1:]), keras.Input((1,))
+    model = keras.Model([x_in, control_in], adapter(x_in, control=control_in))
+    assert np.isnan(numpy(model.predict([x, c], verbose=0))[0]).all()  # traced inside predict: not read

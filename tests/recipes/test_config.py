@@ -1,3 +1,6 @@
+import json
+
+import numpy as np
 import pytest
 
 from keras_biasinject.recipes import Recipe, load_recipe
@@ -108,3 +111,50 @@ def test_a_finished_run_from_before_new_recipe_keys_is_still_the_same_recipe(tmp
     changed = load_recipe(write(tmp_path, GOOD.replace("epochs = 1", 'methods = ["base"]\nsave_freq = 5'), "b.toml"))
     with pytest.raises(ValueError, match="holds the report of a different recipe"):
         finetune(changed, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        (GOOD.replace("epochs = 1", "learning_rate = inf"), r"train.learning_rate` = inf"),
+        (GOOD.replace("epochs = 1", "full_learning_rate = nan"), r"train.full_learning_rate` = nan"),
+        (GOOD.replace("great = 1.0", "great = -inf"), r"data.control_map.great` = -inf"),
+        (GOOD + "[inject]\nalpha = inf\n", r"inject.alpha` = inf"),
+        (GOOD + "[inject]\nneutral = [0.0, nan]\ncontrol_dim = 2\n", r"inject.neutral\[1\]` = nan"),
+        (LM + "[steer]\ncontrols = [-1.0, inf]\n", r"steer.controls\[1\]` = inf"),
+        (LM + 'methods = ["bias_injection", "feedback_head"]\n[feedback]\ncontrol_jitter = inf\n', r"feedback.control_jitter` = inf"),
+        (GOOD.replace('spec = "minilm-l6"', 'spec = "minilm-l6"\ndropout = nan'), r"model.dropout` = nan"),
+    ],
+)
+def test_non_finite_numbers_are_refused_anywhere(tmp_path, text, key):
+    with pytest.raises(ValueError, match=rf"recipe: `{key} is not a finite number. NaN and inf are refused everywhere"):
+        load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.learning_rate", float("inf"), r"train.learning_rate` = inf is not a finite number"),  # --set ...=1e999
+        ("train.epochs", True, r"\[train\]: `epochs` must be a positive integer. Got epochs=True"),
+        ("train.epochs", 1.5, r"\[train\]: `epochs` must be a positive integer. Got epochs=1.5"),
+        ("train.epochs", "1", r"\[train\]: `epochs` must be a positive integer. Got epochs='1'"),
+        ("train.batch_size", False, r"`batch_size` must be a positive integer. Got batch_size=False"),
+        ("inject.rank", True, r"\[inject\] InjectionConfig: `rank` must be a positive integer. Got rank=True"),
+        ("inject.targets", None, r"\[inject\] InjectionConfig: `targets` must name the layers to adapt"),
+        ("inject.targets", "query(", r"\[inject\] InjectionConfig: `targets`='query\(' is not a valid regex"),
+        ("inject.blocks", 0, r"\[inject\] InjectionConfig: `blocks` must be a list of block indices \(e.g."),
+        ("steer.samples", True, r"\[steer\]: `samples` must be a positive integer. Got samples=True"),
+        ("steer.controls", "1", r"\[steer\]: `controls` must be a non-empty list of numbers"),
+        ("steer.positive_label", -1, r"\[steer\]: `positive_label` must be an integer >= 0"),
+    ],
+)
+def test_overrides_of_the_wrong_type_name_the_key(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(write(tmp_path, GOOD), [(key, value)])
+
+
+def test_numpy_integers_are_accepted_where_ints_are(tmp_path):
+    recipe = load_recipe(write(tmp_path, GOOD), [("train.epochs", np.int64(2)), ("inject.rank", np.int64(2)),
+                                                 ("inject.blocks", [np.int64(0)]), ("steer.samples", np.int32(3))])
+    assert recipe.train.epochs == 2 and recipe.inject.rank == 2 and recipe.inject.blocks == [0]
+    assert json.loads(json.dumps(recipe.to_dict()))["steer"]["samples"] == 3  # report.json holds it

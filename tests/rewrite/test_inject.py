@@ -1,10 +1,12 @@
+import json
+
 import keras
 import keras_hub
 import numpy as np
 import pytest
 
 from keras_biasinject import BiasInjectDense, InjectionConfig, LoRABiasAdapter, inject
-from tests.rewrite.tiny_models import BATCH, controls, gpt2, out, snapshot, state_of, tokens, train
+from tests.rewrite.tiny_models import BATCH, SEQ, controls, gpt2, out, snapshot, state_of, tokens, train
 
 def test_backbone_keeps_its_class_and_output_exactly():
     backbone = gpt2()
@@ -121,6 +123,14 @@ def test_unmatched_exclude_warns():
         ({"targets": "query_value", "trainable": ["no_such_head"]}, "trainable=\\['no_such_head'\\] matched no layer"),
         ({"rank": 0}, "`rank` must be a positive integer. Got rank=0"),
         ({"kind": "prefix"}, "`kind` must be one of"),
+        ({"alpha": float("inf")}, "`alpha` must be a positive number or None. Got alpha=inf; give a finite value"),
+        ({"alpha": float("nan")}, "`alpha` must be a positive number or None. Got alpha=nan"),
+        ({"targets": None}, "`targets` must name the layers to adapt: a preset"),
+        ({"targets": "(("}, r"`targets`='\(\(' is not a valid regex \(missing \)"),
+        ({"blocks": 0}, r"`blocks` must be a list of block indices \(e.g. \[0, 1\] or \[-1\]\) or None"),
+        ({"blocks": [True]}, r"`blocks` must be a list of block indices. Got blocks=\[True\]"),
+        ({"rank": True}, "`rank` must be a positive integer. Got rank=True"),
+        ({"neutral": float("nan")}, "`neutral` must be finite"),
     ],
 )
 def test_a_failing_inject_leaves_the_model_exactly_as_it_was(fields, message):
@@ -150,3 +160,52 @@ def test_config_round_trip():
     assert InjectionConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown keys \\['rnak'\\]"):
         InjectionConfig.from_dict({"rnak": 4})
+
+
+def test_numpy_integers_are_accepted_as_python_ints():
+    config = InjectionConfig(rank=np.int64(2), control_dim=np.int32(1), blocks=[np.int64(-1)], alpha=np.float32(4))
+    assert json.loads(json.dumps(config.to_dict()))["rank"] == 2 and config.blocks == [-1] and config.alpha == 4.0
+    backbone = inject(gpt2(), config)
+    assert [p.split("/")[0] for p in backbone.injection.paths] == ["transformer_layer_1"] * 2
+
+
+@pytest.fixture(scope="module")
+def injected_lm():
+    lm = inject(keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None), rank=2, gate="control")
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+               sampler="greedy")
+    return lm
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_concrete_non_finite_control_is_refused(injected_lm, bad):
+    x = tokens()
+    c = controls()[0]
+    c[1, 0] = bad
+    before = snapshot(injected_lm)
+    message = "the control contains NaN or inf .* pass finite control values"
+    with pytest.raises(ValueError, match="call: inputs\\['control'\\]: " + message):
+        injected_lm({**x, "control": c})
+    with pytest.raises(ValueError, match="call: inputs\\['control'\\]: " + message):
+        injected_lm({**x, "control": keras.ops.convert_to_tensor(c)})
+    with pytest.raises(ValueError, match="predict: inputs\\['control'\\]: " + message):
+        injected_lm.predict({**x, "control": c}, verbose=0)
+    with pytest.raises(ValueError, match="fit: inputs\\['control'\\]: " + message):
+        injected_lm.fit({**x, "control": c}, x["token_ids"], verbose=0)
+    with pytest.raises(ValueError, match="generate: " + message):
+        injected_lm.generate(x, max_length=SEQ, control=[bad])
+    after = snapshot(injected_lm)
+    assert all(np.array_equal(after[p], v) for p, v in before.items())
+
+
+def test_fit_on_a_dataset_with_a_nan_control_raises_after_training(injected_lm):
+    """A control inside a tf.data.Dataset is not read ahead: the weight check after fit catches it."""
+    import tensorflow as tf
+
+    x = tokens()
+    c = controls()[0]
+    c[:] = np.nan
+    data = tf.data.Dataset.from_tensor_slices(({**x, "control": c}, x["token_ids"])).batch(BATCH)
+    with pytest.raises(ValueError, match=r"fit: training made \d+ trainable weight\(s\) NaN or inf .* Likely causes: a "
+                                         "learning rate too high, or NaN/inf in the data or the control"):
+        injected_lm.fit(data, verbose=0)

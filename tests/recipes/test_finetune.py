@@ -1,0 +1,51 @@
+"""The recipe runner on a real model (MiniLM, 16 reviews of 16 tokens): what it refuses and what a
+diverged run leaves behind (nothing of that method)."""
+
+import json
+
+import pytest
+
+from keras_biasinject.recipes import Recipe, finetune
+from keras_biasinject.recipes.run_folder import base_model, run_recipe
+
+
+def small_recipe(**train):
+    return Recipe(task="classification", model={"spec": "minilm-l6", "sequence_length": 16},
+                  data={"source": "small_fine_foods", "text_column": "review", "label_column": "label",
+                        "control_map": {"great": 1.0, "other": 1.0}},
+                  inject={"rank": 2, "trainable": ["logits"]},
+                  train={"methods": ["bias_injection"], "epochs": 2, "batch_size": 8, "max_train_examples": 16,
+                         "max_eval_examples": 8, **train})
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_nothing(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"bias_injection: training diverged: (the loss became (nan|inf) at epoch 1, batch \d|the "
+                                         r"loss stayed finite but trainable weights did not)(; \d+ trainable weight\(s\) are "
+                                         r"NaN or inf \(.*\))?\. Likely causes: the "
+                                         r"learning rate \(1e\+30\) is too high"):
+        finetune(small_recipe(learning_rate=1e30, epochs=1, max_train_examples=24), run, verbose=0)  # 3 steps
+    assert not (run / "adapter").exists() and not (run / "classifier.keras").exists()
+    assert not (run / "backup" / "bias_injection").exists()  # the next run starts afresh, not from NaN weights
+    assert not (run / "report.json").exists() or json.loads((run / "report.json").read_text())["results"] == []
+
+
+def test_a_sequence_length_beyond_the_position_embeddings_is_refused_at_load():
+    with pytest.raises(ValueError, match=r"\[model\] sequence_length=5000 is more than 'minilm-l6' has position "
+                                         r"embeddings for \(max_sequence_length=512\). Set sequence_length <= 512"):
+        base_model(Recipe(task="classification", model={"spec": "minilm-l6", "sequence_length": 5000, "num_classes": 2}))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"recipe": {"task": "classification", "mod', r"is not a valid report \(Unterminated string"),
+    ("[1, 2]", r'is not a valid report \(no "recipe" table'),
+    ('{"recipe": {"tsk": 1}, "results": []}', r"holds a recipe this version cannot read"),
+])
+def test_a_corrupt_report_names_the_file_and_the_fix(tmp_path, text, message):
+    (tmp_path / "report.json").write_text(text)
+    fix = "Restore it, or run `kbi finetune` again into a new folder" if "valid report" in message else "Restore the file"
+    with pytest.raises(ValueError, match=rf"'.*report.json' {message}.*{fix}"):
+        run_recipe(tmp_path)
+    if "valid report" in message:  # resuming into the folder reads it too
+        with pytest.raises(ValueError, match=rf"'.*report.json' {message}"):
+            finetune(small_recipe(), tmp_path, verbose=0)
