@@ -45,10 +45,17 @@ def cmd_export(args):
 
 
 def read_token(path):
-    """The bearer token in file `path` (stripped); ValueError if it is empty."""
-    token = Path(path).read_text(encoding="utf-8").strip()
+    """The bearer token in file `path` (stripped); ValueError if it is empty or not printable ASCII
+    (HTTP headers arrive as latin-1, so a non-ASCII token could never match)."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        token = "\ufffd"
     if not token:
         raise ValueError(f"--token-file {path!r} is empty; write a long random token into it (e.g. `openssl rand -hex 32`).")
+    if not (token.isascii() and token.isprintable()):
+        raise ValueError(f"--token-file {path!r} holds characters other than printable ASCII, which an HTTP header cannot "
+                         "carry; write a token of ASCII letters and digits (e.g. `openssl rand -hex 32`).")
     return token
 
 
@@ -92,12 +99,9 @@ def cmd_serve(args):
     store = args.store or str(Path(args.export_dir) / "sessions.sqlite")
     if not Path(store).parent.is_dir():
         raise ValueError(f"serve: --store {store!r}: folder {str(Path(store).parent)!r} does not exist; create it first.")
-    for flag, value in (("--max-clock-skew", args.max_clock_skew), ("--session-ttl", args.session_ttl)):
-        if not 0 <= value < float("inf"):
-            raise ValueError(f"serve: {flag} must be a finite number of seconds >= 0. Got {value}.")
-    policy = serving_policy(args)
     limits = Limits(max_batch=args.max_batch, max_sequence=args.max_sequence, max_sessions=args.max_sessions,
-                    max_clock_skew=args.max_clock_skew, session_ttl=args.session_ttl)
+                    max_clock_skew=args.max_clock_skew, session_ttl=args.session_ttl)  # each checked (ValueError)
+    policy = serving_policy(args)
     print(f"serving {args.export_dir} on http://{args.host}:{args.port} (sessions: {store})", flush=True)
     serve(args.export_dir, store, host=args.host, port=args.port, source=args.source, limits=limits,
           loop=LoopSettings(args.loop, target), policy=policy, token=token)

@@ -6,6 +6,7 @@ every recipe run).
 """
 
 import dataclasses
+import math
 
 import keras
 import numpy as np
@@ -53,6 +54,19 @@ def _check_settings(model, steps, learning_rate, max_loss_increase, max_steps):
             raise ValueError(f"adapt: `{name}` must be a non-negative finite number (learning_rate > 0). Got {name}={value!r}.")
 
 
+def _fit(model, x, y, w, n, steps):
+    """Trains `steps` full batches; returns None, or why training diverged (a trainable weight NaN or
+    inf: `InjectedModel.fit` raises ValueError then, the weights are rolled back by the caller)."""
+    try:
+        model.fit(x, y, sample_weight=w, batch_size=n, epochs=steps, verbose=0, shuffle=False)
+    except ValueError:
+        bad = sum(not np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in model.trainable_weights)
+        if not bad:
+            raise  # not a divergence: a bug, kept as it is
+        return f"{bad} adapter weight(s) became NaN or inf"
+    return None
+
+
 def guarded_adapt(model, examples, heldout, *, steps=10, learning_rate=1e-3, max_loss_increase=0.0, max_steps=100):
     """Trains `model`'s adapters on `examples` for `steps` full-batch steps; keeps the result only if
     the loss on `heldout` rose by at most `max_loss_increase` (relative). Returns an `AdaptResult`.
@@ -73,12 +87,14 @@ def guarded_adapt(model, examples, heldout, *, steps=10, learning_rate=1e-3, max
         model._compile_metrics = None  # no metrics: a compile that names none keeps earlier ones (Keras)
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=None, weighted_metrics=None)
         n, hn = len(next(iter(x.values()))), len(next(iter(hx.values())))  # full batches
-        before = model.evaluate(hx, hy, sample_weight=hw, batch_size=hn, verbose=0, return_dict=True)["loss"]
-        model.fit(x, y, sample_weight=w, batch_size=n, epochs=steps, verbose=0, shuffle=False)
-        after = model.evaluate(hx, hy, sample_weight=hw, batch_size=hn, verbose=0, return_dict=True)["loss"]
-        before, after = float(before), float(after)
+        before = float(model.evaluate(hx, hy, sample_weight=hw, batch_size=hn, verbose=0, return_dict=True)["loss"])
+        diverged = _fit(model, x, y, w, n, steps)
+        after = math.nan if diverged else float(
+            model.evaluate(hx, hy, sample_weight=hw, batch_size=hn, verbose=0, return_dict=True)["loss"])
         if frozen.changed(model):
             reason = "a frozen base weight changed; this is a bug, please report it"
+        elif diverged:
+            reason = f"training diverged: {diverged}"
         elif not np.isfinite(after):
             reason = f"the held-out loss became {after}"
         elif after > before * (1.0 + max_loss_increase):

@@ -21,39 +21,41 @@ Guarded self-tuning (off unless `kbi serve --allow-adapt --source RUN --adapt-he
   server's (`AdaptPolicy`); versions beyond `keep_versions` are pruned after a publish.
 With a token (`--token-file`), what changes state needs `Authorization: Bearer <token>` (401
 otherwise): `:adapt`, session feedback, and predicts that update a session through the loop.
+Before any route, `RequestGuard` (guard.py) refuses cross-origin requests and, without a token,
+non-loopback Host names and proxied requests (403), and gives every answer an `X-Request-Id`.
 Every bad request gets a 4xx with `{"error": message}`; the server never answers 500 to bad input.
-Anything else is logged with a request id (`X-Request-Id`) and answered 500 with that id only.
+Anything else is logged with its request id and answered 500 with that id only.
 
 `SessionServer` answers them, one method per route. Beside it: `rest.py` (request bodies checked,
 `Limits`, `BadRequest`), `models.py` (`LoadedExport`, `AdaptableModel`), `store.py` (session
-states), `loop.py` (the serving loop's checks and arithmetic) and `adapt.py` (the guarded training
-steps).
+states), `guard.py` (the checks before any route), `loop.py` (the serving loop's checks and
+arithmetic) and `adapt.py` (the guarded training steps).
 """
 
 import hmac
-import ipaddress
 import json
 import logging
 import math
 import shutil
 import threading
 import time
-import uuid
 
 import keras
 import numpy as np
 import tensorflow as tf
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from keras_biasinject.export.saved_model import export_saved_model
 from keras_biasinject.serving.adapt import guarded_adapt
+from keras_biasinject.serving.guard import RequestGuard, loopback_name
 from keras_biasinject.serving.loop import (
     LoopSettings, SessionMoved, check_settings, loop_request, mean_reading, self_feedback,
 )
-from keras_biasinject.serving.models import AdaptableModel, LoadedExport, find_version
+from keras_biasinject.serving.models import AdaptableModel, LoadedExport, find_version, is_version
 from keras_biasinject.serving.rest import (
     AdaptPolicy, BadRequest, Limits, Unauthorized, adapt_batch, feedback_values, finite_number, input_columns,
     predict_answer, session_id as checked_session_id, shown, signature_tensors, text_value,
@@ -76,22 +78,15 @@ class PredictJSON(JSONResponse):
         return json.dumps(content, ensure_ascii=False, allow_nan=True, separators=(",", ":")).encode("utf-8")
 
 
-def error_response(error, request_id=None):
+def error_response(error):
     """A `BadRequest` as its JSON answer (a 401 says `WWW-Authenticate: Bearer`)."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
-    if request_id:
-        headers["X-Request-Id"] = request_id
     return JSONResponse({"error": str(error)}, error.status, headers=headers)
 
 
 def is_loopback(host):
     """Whether binding `host` reaches only this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return loopback_name(host)
 
 
 def answer(work, *args):
@@ -122,7 +117,7 @@ class SessionServer:
             if adaptable is None:
                 raise ValueError("serve --allow-adapt needs --source RUN_OR_KERAS: the Keras model :adapt trains.")
             try:
-                self.heldout = self.adapt_arrays(export, self.policy.heldout, "heldout", Limits(math.inf, 1 << 31, 1 << 31))
+                self.heldout = self.adapt_arrays(export, self.policy.heldout, "heldout", Limits(1 << 62, 1 << 31, 1 << 31))
             except BadRequest as error:
                 raise ValueError(f"serve --adapt-heldout: {error}") from None
 
@@ -332,9 +327,9 @@ class SessionServer:
                 for variable, value in zip(model.trainable_weights, saved):  # any failure: as before the request
                     variable.assign(value)
                 raise
-            try:  # the new version is served whatever happens here
+            try:  # the new version is served whatever happens here: a failure is logged, the publish stands
                 prune_versions(self.export.path.parent, self.policy.keep_versions, keep=self.export.path.name)
-            except OSError:
+            except Exception:
                 logger.exception("pruning old versions in %s failed", self.export.path.parent)
             return published
 
@@ -347,8 +342,13 @@ class SessionServer:
         if not result.accepted:
             raise BadRequest(json.dumps(result_dict), 409)
         path = export_saved_model(model, export.path.parent.parent, export.name, feedback=export.feedback_layer())
-        self.export = LoadedExport(path)  # atomic swap: requests in flight keep the old one
-        return {**result_dict, "version": self.export.version}
+        try:
+            published = LoadedExport(path)
+        except BaseException:  # never leave trained weights on disk unserved (a restart or TF Serving would serve them)
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        self.export = published  # atomic swap: requests in flight keep the old one
+        return {**result_dict, "version": published.version}
 
     def feedback(self, session_id, body, authorization=None):
         self.authorize(authorization, "session feedback")
@@ -415,18 +415,18 @@ class SessionServer:
     async def handle(self, request, work):
         """Answers `work(body)`, run in a worker thread: its result, its `BadRequest` as a 4xx, and any
         other exception (a bug of ours, or a failing disk: not the client's doing) logged with a request
-        id and answered 500 with that id only; the server keeps serving. Every answer says the id."""
-        request_id = uuid.uuid4().hex
+        id (`RequestGuard`'s, which every answer carries as `X-Request-Id`) and answered 500 with that
+        id only; the server keeps serving."""
         try:
             body = await self.json_body(request)
             answer_ = await run_in_threadpool(work, body)
         except BadRequest as error:
-            return error_response(error, request_id)
+            return error_response(error)
         except Exception:
+            request_id = request.scope.get("state", {}).get("request_id", "-")
             logger.exception("request %s (%s %s) failed", request_id, request.method, request.url.path)
-            return JSONResponse({"error": f"internal error; request id {request_id}"}, 500,
-                                headers={"X-Request-Id": request_id})
-        return PredictJSON(answer_, headers={"X-Request-Id": request_id})
+            return JSONResponse({"error": f"internal error; request id {request_id}"}, 500)
+        return PredictJSON(answer_)
 
     async def json_body(self, request):
         """The request's JSON object ({} for a GET); a 413 as soon as more than `max_body_bytes` came in
@@ -472,7 +472,7 @@ def raw_session_id(request):
 def prune_versions(folder, keep_versions, keep):
     """Deletes the numeric version folders in `folder` beyond the newest `keep_versions`; never `keep`
     (the served one) and never anything that is not a numeric folder."""
-    versions = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    versions = sorted((p for p in folder.iterdir() if p.is_dir() and is_version(p.name)), key=lambda p: int(p.name))
     for path in versions[:-keep_versions]:
         if path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
@@ -485,11 +485,11 @@ def create_app(export_dir, store_path, limits=None, clock=time.time, source=None
     none; `loop` (a `LoopSettings`) the serving loop's defaults, checked against the export here
     (ValueError); `token` the bearer token that state-changing requests need (None: none needed)."""
     limits = limits or Limits()
+    store = SQLiteStore(store_path, ttl=limits.session_ttl, clock=clock)  # first: a bad --store fails fast (ValueError)
     export = LoadedExport(export_dir)
-    store = SQLiteStore(store_path, ttl=limits.session_ttl)
     adaptable = None if source is None else AdaptableModel(source)
     server = SessionServer(export, store, limits, clock, adaptable, loop, policy, token)
-    return Starlette(routes=server.routes())
+    return Starlette(routes=server.routes(), middleware=[Middleware(RequestGuard, token_configured=token is not None)])
 
 
 def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, source=None, loop=None, policy=None, token=None):

@@ -12,12 +12,17 @@ import numpy as np
 import tensorflow as tf
 
 
+def is_version(name):
+    """Whether folder `name` is a version number: ASCII digits only ("²" is a digit to `str.isdigit`, not to `int`)."""
+    return name.isascii() and name.isdigit()
+
+
 def find_version(export_dir):
     """(model name, version, folder): `<base>/<name>` (highest version) or `<base>/<name>/<version>`."""
     path = Path(export_dir)
-    if (path / "saved_model.pb").is_file() and path.name.isdigit():
+    if (path / "saved_model.pb").is_file() and is_version(path.name):
         return path.parent.name, int(path.name), path
-    versions = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()) if path.is_dir() else []
+    versions = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and is_version(p.name)) if path.is_dir() else []
     if not versions:
         raise FileNotFoundError(
             f"serve: {str(export_dir)!r} holds no version folder (<name>/<version>/saved_model.pb). "

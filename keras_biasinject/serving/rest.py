@@ -28,6 +28,18 @@ class Limits:
     max_clock_skew: float = 300.0  # a stored timestamp may lie this many seconds ahead of the server's clock
     session_ttl: float = 30 * 86400.0  # a session idle this long (server time) is gone; 0: sessions never expire
 
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_batch", "max_sequence", "max_sessions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"serve: {flag} must be an integer >= 1. Got {value!r}.")
+        for name in ("max_clock_skew", "session_ttl"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"serve: {flag} must be a finite number of seconds >= 0. Got {value!r}.")
+
 
 @dataclasses.dataclass
 class AdaptPolicy:
@@ -263,4 +275,4 @@ def adapt_batch(batch, what, specs, labels_spec, limits, vocabulary_size=None):
     if w.shape not in (y.shape, y.shape[:1]) or np.any(w < 0):
         raise BadRequest(f"`{what}.sample_weight` must be non-negative numbers of shape {list(y.shape)} or "
                          f"{list(y.shape[:1])}. Got shape {list(w.shape)}, minimum {shown(float(w.min()) if w.size else None)}.")
-    return x, y, w
+    return x, y, np.broadcast_to(w.reshape(w.shape + (1,) * (y.ndim - w.ndim)), y.shape)  # one per example: each of its labels

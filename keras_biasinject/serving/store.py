@@ -44,14 +44,29 @@ class SQLiteStore(SessionStore):
         self.ttl = ttl or None  # seconds a session may stay idle; None: for ever
         self.clock = clock  # () -> seconds: the server's time, stamped on every write
         self._local = threading.local()
+        try:
+            self._create()
+        except sqlite3.Error as error:  # a folder, an unwritable file, not a database
+            raise ValueError(f"session store {self.path!r} cannot be opened ({error}); give a writable SQLite file "
+                             "(`kbi serve --store FILE`) in an existing folder.") from None
+
+    def _create(self):
+        """The table, created or (a store of an older version, without `touched_at`) migrated, in one
+        write transaction: replicas starting together on one old store migrate it once."""
         db = self._connect()
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, state TEXT NOT NULL, "
-            "updated_at REAL NOT NULL, updates INTEGER NOT NULL)"
-        )
-        if "touched_at" not in [row[1] for row in db.execute("PRAGMA table_info(sessions)")]:  # a store of an older version
-            db.execute("ALTER TABLE sessions ADD COLUMN touched_at REAL")
-            db.execute("UPDATE sessions SET touched_at = ? WHERE touched_at IS NULL", (self.clock(),))
+        db.execute("BEGIN IMMEDIATE")  # the write lock first: the check and the migration never interleave
+        try:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, state TEXT NOT NULL, "
+                "updated_at REAL NOT NULL, updates INTEGER NOT NULL)"
+            )
+            if "touched_at" not in [row[1] for row in db.execute("PRAGMA table_info(sessions)")]:
+                db.execute("ALTER TABLE sessions ADD COLUMN touched_at REAL")
+                db.execute("UPDATE sessions SET touched_at = ? WHERE touched_at IS NULL", (self.clock(),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _connect(self):
         db = getattr(self._local, "db", None)

@@ -358,3 +358,20 @@ def test_with_a_token_state_changes_need_it_and_reads_do_not(exports, tmp_path):
     assert srv.predict("lm", {"instances": x, "session": "t", "loop": "self", "timestamp": 0.0}, "bearer s3cret")["loop"]["updates"] == 2
     assert "predictions" in srv.predict("lm", {"instances": x, "session": "t", "timestamp": 0.0})  # reads stay open
     assert srv.show("t", 0.0)["updates"] == 2
+
+
+def test_sessions_expire_by_the_servers_clock(exports, tmp_path):
+    """Review of issue 17: `create_app`'s clock is the store's too (before: the store stamped and expired
+    sessions by the real time while requests used the given clock, so none expired on it)."""
+    from keras_biasinject.serving.app import create_app
+
+    now = [1000.0]
+    app = create_app(exports["lm"].path, tmp_path / "s.sqlite", Limits(session_ttl=100.0), clock=lambda: now[0])
+    server = app.routes[0].endpoint.__self__
+    server.feedback("ttl", {"rating": 0.5})
+    now[0] = 1090.0
+    assert server.show("ttl", now[0])["updates"] == 1
+    now[0] = 1101.0  # idle 101 s of the server's clock > ttl
+    with pytest.raises(BadRequest, match="no session 'ttl'") as error:
+        server.show("ttl", now[0])
+    assert error.value.status == 404

@@ -4,6 +4,7 @@ session expiry (store.py), version pruning, and `kbi serve` / `kbi adapt` refusi
 import json
 import re
 import socket
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import tensorflow as tf
 
 from keras_biasinject.cli.main import main
 from keras_biasinject.serving.app import is_loopback, parse_json, prune_versions
+from keras_biasinject.serving.guard import refusal
+from keras_biasinject.serving.models import find_version
 from keras_biasinject.serving.rest import (
     AdaptPolicy, BadRequest, Limits, adapt_batch, feedback_values, finite_number, session_id, signature_tensors,
 )
@@ -118,7 +121,7 @@ def test_adapt_batches_are_checked_before_tensorflow(changes, message):
 
 def test_a_sound_adapt_batch_comes_back_as_arrays():
     x, y, w = adapt_batch({**columns(), "labels": [[1, 2]], "sample_weight": [0.5]}, "examples", ADAPT_SPECS, (64, 2), Limits())
-    assert x["token_ids"].dtype == np.int32 and y.tolist() == [[1, 2]] and w.tolist() == [0.5]
+    assert x["token_ids"].dtype == np.int32 and y.tolist() == [[1, 2]] and w.tolist() == [[0.5, 0.5]]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -201,3 +204,102 @@ def test_kbi_adapt_against_a_refused_connection_says_so(tmp_path, capsys):
     assert err.count("\n") == 1 and f"cannot reach http://127.0.0.1:{port}/v1/models/model:adapt" in err
     assert main(["adapt", f"http://127.0.0.1:{port}", "--examples", str(tmp_path / "ex.json"), "--heldout", "h.json"]) == 2
     assert "are the server's now" in capsys.readouterr().err
+
+
+# Review of issue 17's fixes: cross-site and rebinding requests, store startup, tokens, limits, versions.
+
+
+@pytest.mark.parametrize("headers, token, refused", [
+    ({"host": "127.0.0.1:8501"}, False, None),
+    ({"host": "localhost:8501", "origin": "http://localhost:8501"}, False, None),  # the server's own origin
+    ({"host": "[::1]:8501"}, False, None),
+    ({"host": "127.8.9.10"}, False, None),
+    ({}, False, None),  # HTTP/1.0 without Host: not a browser
+    ({"host": "127.0.0.1:8501", "origin": "https://evil.example"}, False, "Origin 'https://evil.example' is not this server"),
+    ({"host": "127.0.0.1:8501", "origin": "http://127.0.0.1:9999"}, False, "cross-origin request refused"),
+    ({"host": "127.0.0.1:8501", "origin": "null"}, False, "cross-origin request refused"),  # sandboxed frames, file:// pages
+    ({"host": "api.example.com", "origin": "https://evil.example"}, True, "cross-origin request refused"),  # even with a token
+    ({"host": "rebind.evil.example:8501"}, False, "Host 'rebind.evil.example:8501' is not a loopback name"),
+    ({"host": "127.0.0.1.evil.example"}, False, "is not a loopback name"),
+    ({"host": "localhost:x"}, False, "is not a loopback name"),
+    ({"host": "api.example.com"}, True, None),  # with a token, a public name (behind a proxy) is served
+    ({"host": "api.example.com", "origin": "https://api.example.com"}, True, None),
+    ({"host": "127.0.0.1:8501", "x-forwarded-for": "203.0.113.5"}, False, r"a proxy header \(x-forwarded-for\)"),
+    ({"host": "127.0.0.1:8501", "forwarded": "for=203.0.113.5"}, False, "--token-file"),
+    ({"host": "127.0.0.1:8501", "x-forwarded-for": "203.0.113.5"}, True, None),
+])
+def test_cross_site_rebound_and_proxied_requests_are_refused(headers, token, refused):
+    reason = refusal(headers, token)
+    assert reason is None if refused is None else re.search(refused, reason), reason
+
+
+def test_version_folders_are_ascii_digits(tmp_path):
+    for name in ("1", "²", "3"):
+        (tmp_path / "lm" / name).mkdir(parents=True)
+    (tmp_path / "lm" / "²" / "saved_model.pb").write_bytes(b"")
+    prune_versions(tmp_path / "lm", 1, keep="3")  # before: int("²") raised ValueError
+    assert sorted(p.name for p in (tmp_path / "lm").iterdir()) == ["3", "²"]
+    assert find_version(tmp_path / "lm") == ("lm", 3, tmp_path / "lm" / "3")
+    with pytest.raises(FileNotFoundError, match="holds no version folder"):
+        find_version(tmp_path / "lm" / "²")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_batch": 0}, r"--max-batch must be an integer >= 1. Got 0"),
+    ({"max_sequence": -5}, r"--max-sequence must be an integer >= 1. Got -5"),
+    ({"max_sessions": 0}, r"--max-sessions must be an integer >= 1"),
+    ({"max_batch": True}, r"--max-batch must be an integer >= 1. Got True"),
+    ({"max_clock_skew": float("nan")}, r"--max-clock-skew must be a finite number of seconds >= 0"),
+    ({"session_ttl": -1.0}, r"--session-ttl must be a finite number of seconds >= 0"),
+])
+def test_limits_refuse_zero_and_negative_bounds(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Limits(**kwargs)
+    assert Limits(max_batch=np.int64(2)).max_batch == 2
+
+
+def test_kbi_serve_refuses_bad_limits_tokens_and_stores_in_one_line(tmp_path, capsys):
+    (tmp_path / "lm").mkdir()
+    for flag in ("--max-batch", "--max-sequence", "--max-sessions"):
+        assert main(["serve", str(tmp_path / "lm"), flag, "0"]) == 2
+        assert re.fullmatch(rf"kbi serve: error: serve: {flag} must be an integer >= 1. Got 0.\n", capsys.readouterr().err)
+    (tmp_path / "token").write_text("tökén-5f0c\n", encoding="utf-8")  # headers arrive as latin-1: it could never match
+    assert main(["serve", str(tmp_path / "lm"), "--token-file", str(tmp_path / "token")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds characters other than printable ASCII" in err
+    (tmp_path / "store").mkdir()  # a folder, not a file: sqlite3 cannot open it
+    assert main(["serve", str(tmp_path / "lm"), "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"session store {str(tmp_path / 'store')!r} cannot be opened" in err
+
+
+def test_replicas_starting_together_on_an_old_store_migrate_it_once(tmp_path):
+    import sqlite3
+
+    for attempt in range(5):
+        path = tmp_path / f"old{attempt}.sqlite"
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at REAL NOT NULL, "
+                       "updates INTEGER NOT NULL)")
+            db.execute("INSERT INTO sessions VALUES ('old', '[1.0]', 3.0, 4)")
+        barrier, errors = threading.Barrier(8), []
+
+        def start():
+            barrier.wait()
+            try:
+                SQLiteStore(path, ttl=10.0, clock=lambda: 500.0)
+            except Exception as error:  # before: sqlite3.OperationalError "duplicate column name: touched_at"
+                errors.append(repr(error))
+
+        threads = [threading.Thread(target=start) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert SQLiteStore(path, ttl=10.0, clock=lambda: 500.0).get("old") == ([1.0], 3.0, 4)
+
+
+def test_a_per_example_sample_weight_covers_each_of_its_labels():
+    x, y, w = adapt_batch({**columns(), "labels": [[1, 2]], "sample_weight": [0.5]}, "examples", ADAPT_SPECS, (64, 2), Limits())
+    assert w.shape == y.shape == (1, 2) and w.tolist() == [[0.5, 0.5]]  # before: shape (1,), which Keras refused (a 500)

@@ -369,28 +369,133 @@ def test_a_failed_publish_answers_a_request_id_and_old_versions_are_pruned(tunin
     request_id = headers["X-Request-Id"]
     assert got == 500 and answer == {"error": f"internal error; request id {request_id}"} and re.fullmatch("[0-9a-f]{32}", request_id)
     (base / "lm" / "notes").mkdir()  # not a version: never pruned
+    (base / "lm" / "²").mkdir()  # a digit to str.isdigit, not to int: before the review, pruning raised and the publish was a 500
     status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": data, "steps": 2, "learning_rate": 1e-2}, token=TOKEN, timeout=300)
     assert status == 200 and body["version"] == 3, body
-    assert sorted(p.name for p in (base / "lm").iterdir() if not p.name.startswith(".")) == ["2", "3", "notes"]  # --keep-versions 2
+    assert sorted(p.name for p in (base / "lm").iterdir() if not p.name.startswith(".")) == ["2", "3", "notes", "²"]  # --keep-versions 2
 
 
-def test_a_failed_publish_restores_the_adapter_weights_bit_for_bit(tuning_server, tmp_path):
-    """In-process, so the live Keras model can be compared: a publish that fails after training leaves
-    every trainable weight exactly as before the request (before issue 17 the trained ones stayed)."""
+@pytest.fixture(scope="module")
+def adapting(tuning_server, tmp_path_factory):
+    """In-process, so the live Keras model and the folder can be inspected: a `SessionServer` with
+    :adapt over a copy of the tuning server's newest version (keep 2 versions)."""
     from keras_biasinject.serving.app import AdaptPolicy, Limits, SessionServer
     from keras_biasinject.serving.models import AdaptableModel, LoadedExport
     from keras_biasinject.serving.store import SQLiteStore
 
     _, base = tuning_server
-    shutil.copytree(base / "lm" / "2", tmp_path / "lm" / "2")
-    policy = AdaptPolicy(enabled=True, heldout=adapt_data(), max_learning_rate=1.0)
-    srv = SessionServer(LoadedExport(tmp_path / "lm"), SQLiteStore(tmp_path / "s.sqlite"), Limits(max_batch=8), time.time,
+    folder = tmp_path_factory.mktemp("adapting")
+    newest = max((p for p in (base / "lm").iterdir() if p.name.isascii() and p.name.isdigit()), key=lambda p: int(p.name))
+    shutil.copytree(newest, folder / "lm" / newest.name)
+    policy = AdaptPolicy(enabled=True, heldout=adapt_data(), max_learning_rate=1.0, keep_versions=2)
+    srv = SessionServer(LoadedExport(folder / "lm"), SQLiteStore(folder / "s.sqlite"), Limits(max_batch=8), time.time,
                         AdaptableModel(base / "lm.keras"), policy=policy)
-    model = srv.adaptable.keras_model()
-    before = [keras.ops.convert_to_numpy(v).copy() for v in model.trainable_weights]
-    shutil.rmtree(tmp_path / "lm")
-    (tmp_path / "lm").write_text("in the way")
-    with pytest.raises(ValueError, match="is a file"):
-        srv.adapt("lm", {"examples": adapt_data(), "steps": 3, "learning_rate": 1e-2})
-    after = [keras.ops.convert_to_numpy(v) for v in model.trainable_weights]
-    assert len(before) == len(after) > 0 and all(np.array_equal(a, b) for a, b in zip(before, after))
+    return srv, folder
+
+
+def weights(srv):
+    return [keras.ops.convert_to_numpy(v).copy() for v in srv.adaptable.keras_model().trainable_weights]
+
+
+def same(a, b):
+    return len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_failed_publish_restores_the_adapter_weights_bit_for_bit(adapting, tmp_path):
+    """A publish that fails after training leaves every trainable weight exactly as before the request
+    (before issue 17 the trained ones stayed)."""
+    srv, folder = adapting
+    before = weights(srv)
+    (folder / "lm").rename(tmp_path / "lm")
+    (folder / "lm").write_text("in the way")
+    try:
+        with pytest.raises(ValueError, match="is a file"):
+            srv.adapt("lm", {"examples": adapt_data(), "steps": 3, "learning_rate": 1e-2})
+    finally:
+        (folder / "lm").unlink()
+        (tmp_path / "lm").rename(folder / "lm")
+    assert same(before, weights(srv))
+
+
+def test_a_publish_that_fails_after_writing_removes_the_new_version(adapting, monkeypatch):
+    """Review of issue 17: when loading the written version fails, that version is deleted (before: it
+    stayed on disk with the trained weights, for a restart or TF Serving to serve) and the weights restored."""
+    import keras_biasinject.serving.app as app_module
+
+    srv, folder = adapting
+    before, versions, served = weights(srv), sorted(p.name for p in (folder / "lm").iterdir()), srv.export
+
+    def unloadable(path):
+        raise OSError(f"cannot load {path}")  # as a disk failing between the write and the load would
+
+    monkeypatch.setattr(app_module, "LoadedExport", unloadable)
+    with pytest.raises(OSError, match="cannot load"):
+        srv.adapt("lm", {"examples": adapt_data(), "steps": 1, "learning_rate": 1e-2})
+    assert sorted(p.name for p in (folder / "lm").iterdir()) == versions and srv.export is served
+    assert same(before, weights(srv))
+
+
+def test_a_diverging_adapt_is_a_409_and_rolls_back(tuning_server):
+    """Review of issue 17: examples weighted 3e38 (finite, float32) make training diverge; `fit` raises
+    on the NaN weights, which guarded_adapt now turns into a rollback and a 409 (before: a 500)."""
+    srv, base = tuning_server
+    data = adapt_data()
+    steered = {"inputs": {**{k: v for k, v in data.items() if k != "labels"}}}
+    versions, answer_before = sorted(p.name for p in (base / "lm").iterdir()), call(srv.port, "POST", "/v1/models/lm:predict", steered)
+    heavy = {**data, "sample_weight": np.full(np.shape(data["labels"]), 3e38).tolist()}
+    status, body = call(srv.port, "POST", "/v1/models/lm:adapt", {"examples": heavy, "steps": 2, "learning_rate": 1e-2},
+                        token=TOKEN, timeout=300)
+    assert status == 409 and "rolled back: training diverged: " in body["error"], body
+    assert sorted(p.name for p in (base / "lm").iterdir()) == versions
+    assert call(srv.port, "POST", "/v1/models/lm:predict", steered) == answer_before  # the weights were rolled back
+
+
+def raw_call(port, method, path, headers, body=None):
+    """(status, JSON answer, headers) of a request with exactly `headers` (Host included), as a browser would send it."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for name, value in headers.items():
+        connection.putheader(name, value)
+    connection.endheaders(body)
+    response = connection.getresponse()
+    status, text, got = response.status, response.read(), response.headers
+    connection.close()
+    return status, json.loads(text) if text.startswith(b"{") else text, got
+
+
+def test_web_pages_cannot_write_and_rebound_names_cannot_read(server):
+    """Review of issue 17: a page in the user's browser POSTs text/plain (no CORS preflight) with its
+    Origin; a DNS-rebinding page reaches 127.0.0.1 under its own Host name; a proxy adds X-Forwarded-For.
+    Each gets 403 and stores nothing (before: 200, the session written). curl's form POST still works."""
+    port, own = server.port, f"127.0.0.1:{server.port}"
+    feedback = "/v1/sessions/xsite/feedback"
+    body = json.dumps({"rating": 1.0, "timestamp": 9000.0}).encode()
+    for headers, message in [
+        ({"Host": own, "Origin": "https://evil.example", "Content-Type": "text/plain"}, "cross-origin request refused"),
+        ({"Host": f"rebind.evil.example:{port}", "Content-Type": "text/plain"}, "is not a loopback name"),
+        ({"Host": own, "X-Forwarded-For": "203.0.113.5"}, "a proxy header"),
+    ]:
+        status, answer, got = raw_call(port, "POST", feedback, {**headers, "Content-Length": str(len(body))}, body)
+        assert status == 403 and message in answer["error"] and got["X-Request-Id"], answer
+    status, answer, _ = raw_call(port, "GET", "/v1/models/lm", {"Host": f"rebind.evil.example:{port}"})
+    assert status == 403  # DNS rebinding cannot read either
+    assert call(port, "GET", "/v1/sessions/xsite?at=9000")[0] == 404  # nothing was stored
+    form = {"Host": own, "Content-Type": "application/x-www-form-urlencoded", "Content-Length": str(len(body))}
+    status, answer, _ = raw_call(port, "POST", feedback, form, body)  # what `curl -d` sends
+    assert status == 200 and answer["updates"] == 1
+    status, _, _ = raw_call(port, "GET", "/v1/models/lm", {"Host": own, "Origin": f"http://{own}"})  # its own origin
+    assert status == 200
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/models/lm"), ("GET", "/v1/models/lm/metadata"), ("POST", "/v1/models/lm:nope"),
+    ("GET", "/v1/sessions/alice?at=abc"), ("GET", "/nowhere"), ("DELETE", "/v1/models/lm"),
+])
+def test_every_answer_carries_a_request_id(server, method, path):
+    """Before: the status, metadata, unknown-verb, `?at=` and Starlette's own 404/405 answers had none."""
+    body = b"{}" if method == "POST" else None
+    headers = {"Host": f"127.0.0.1:{server.port}", **({"Content-Length": "2"} if body else {})}
+    status, _, got = raw_call(server.port, method, path, headers, body)
+    assert status in (200, 400, 404, 405) and re.fullmatch("[0-9a-f]{32}", got["X-Request-Id"] or ""), (status, dict(got))
