@@ -8,9 +8,16 @@ a SavedModel version that TF Serving may pick up, a training backup) is written 
 
 The temporary folder is hidden (`.NAME.partial-HOST-PID-XXXX`: TF Serving and every reader here
 skip it), made with the mode a plain `mkdir` gives (0o777 less the umask), and deleted on an
-exception. A partial folder left by a killed writer is removed by the next `recover` of its name
-(or `recover_all` of its parent folder) once it is stale: its writer's process (same host, named in
-the folder's name) is gone, or it is untouched for `STALE_SECONDS` (a writer on another host).
+exception. Its writer holds an exclusive `flock` on a lock file inside it (`LOCK_FILE`) for as long
+as it writes; the lock dies with the process. A partial folder left by a killed writer is removed by
+the next `recover` of its name (or `recover_all` of its parent folder) once it is stale: its lock
+can be taken (the writer is gone, whatever its host or PID namespace, on a filesystem shared with
+it), or, for a folder without a lock file (written where `fcntl` is missing, as on Windows, or by an
+older version), it is untouched for `STALE_SECONDS`. The lock file is unlinked just before the final
+rename (the writer still holds the lock), so it never reaches the published folder; that unlink
+touches the folder, which then counts as young. Limits: on NFS, `flock` works across clients only
+where the mount supports locks (not with `nolock`, where a writer on another client looks dead:
+there, keep to one writing host per folder).
 Replacing an existing folder takes two renames, the old one first to `.NAME.old-XXXX`; a process
 killed between them leaves the old folder there, and `recover(final)` (called at the start of every
 `atomic_dir`) puts it back, so a complete folder is never lost.
@@ -28,9 +35,14 @@ import tempfile
 import time
 from pathlib import Path
 
-STALE_SECONDS = 3600  # a partial folder untouched this long was left by a killed writer
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # tells this host's pids from others'
-_OWNER = re.compile(r"\.partial-([0-9a-f]{8})-([0-9]+)-")  # .NAME.partial-HOST-PID-XXXX
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; partial folders are judged by their age alone
+    fcntl = None
+
+STALE_SECONDS = 3600  # a partial folder without a lock file, untouched this long, was left by a killed writer
+LOCK_FILE = ".atomic_dir.lock"  # inside a partial folder: locked by its writer while it lives
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # names a partial folder's host, for people
 
 
 def _hidden(final, kind):
@@ -68,39 +80,71 @@ def recover_all(folder):
 
 
 def _is_stale(partial):
-    """True when the writer of `partial` is a dead process of this host, or it is untouched for
-    `STALE_SECONDS` (its writer on another host, or a name without an owner)."""
+    """True when the writer of `partial` is gone: its lock file can be locked, or, without a lock file
+    that can be tried, the folder is untouched for `STALE_SECONDS`."""
+    held = _lock_held(partial / LOCK_FILE)
+    if held is not None:
+        return not held
     try:
-        age = time.time() - partial.stat().st_mtime
+        return time.time() - partial.stat().st_mtime > STALE_SECONDS
     except FileNotFoundError:  # its writer finished meanwhile
         return False
-    owner = _OWNER.search(partial.name)
-    if owner and owner.group(1) == _HOST and not _pid_alive(int(owner.group(2))):
-        return True
-    return age > STALE_SECONDS
 
 
-def _pid_alive(pid):
+def _lock_held(lock):
+    """True if a live process holds `lock`, False if none does, None if that cannot be told (no such
+    file: the writer wrote none or is publishing; no fcntl; a filesystem without locks)."""
+    if fcntl is None:
+        return None
     try:
-        os.kill(pid, 0)  # signal 0: a check, nothing is sent
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process: alive; an absurd pid: not known
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # its writer holds it
         return True
-    return True
+    except OSError:  # no locks here (ENOLCK)
+        return None
+    finally:
+        os.close(fd)  # releases the lock if this took it
+    return False
 
 
 def _make_partial(final):
     """A new hidden folder beside `final`, with the mode a plain `mkdir` gives (0o777 less the umask;
     `tempfile.mkdtemp` gives 0o700, which a group or a server user then cannot read), named after
-    this host and this process."""
+    this host and this process; and the descriptor of the lock held on its lock file (None where
+    locks are missing): close it only once the folder is renamed or removed."""
     while True:
         tmp = final.parent / f".{final.name}.partial-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             tmp.mkdir()
-            return tmp
+            break
         except FileExistsError:  # 1 in 4 billion: draw again
             continue
+    try:
+        return tmp, _lock(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _lock(folder):
+    """Creates `folder/LOCK_FILE` already locked (locked under another name, then renamed, so that no
+    one can ever take it while this process lives); returns its descriptor, or None without locks."""
+    if fcntl is None:
+        return None
+    staging = folder / f"{LOCK_FILE}.new"
+    fd = os.open(staging, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(staging, folder / LOCK_FILE)
+    except OSError:  # a filesystem without locks: the age rule judges this folder
+        os.close(fd)
+        staging.unlink(missing_ok=True)
+        return None
+    return fd
 
 
 def _fsync_tree(folder):
@@ -123,13 +167,17 @@ def atomic_dir(final, overwrite=False, keep_existing=False):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     recover(final)
-    tmp = _make_partial(final)
+    tmp, lock = _make_partial(final)
     try:
         yield tmp
+        if lock is not None:
+            (tmp / LOCK_FILE).unlink(missing_ok=True)  # not published; the lock stays held until the rename
         _fsync_tree(tmp)
         _publish(tmp, final, overwrite, keep_existing)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
 def _publish(tmp, final, overwrite, keep_existing):

@@ -24,6 +24,7 @@ def test_the_folder_appears_only_when_the_block_ends(tmp_path):
         assert not final.exists() and tmp.name.startswith(".v1.partial-")  # hidden from readers
     assert (final / "a.txt").read_text() == "new"
     assert sorted(p.name for p in final.parent.iterdir()) == ["v1"]  # nothing left beside it
+    assert os.listdir(final) == ["a.txt"]  # nor the writer's lock file inside it
 
 
 def test_an_error_in_the_block_leaves_the_old_folder_and_no_partial(tmp_path):
@@ -119,3 +120,31 @@ def killed_writer(final):
     subprocess.run([sys.executable, "-c", KILLED_WRITER, atomic.__file__, str(final)], timeout=60)
     (partial,) = final.parent.glob(f".{final.name}.partial-*")
     return partial
+
+
+# A writer that blocks inside an `atomic_dir` block until its stdin closes: a long export in progress.
+LIVE_WRITER = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("atomic", sys.argv[1])
+atomic = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic)
+with atomic.atomic_dir(sys.argv[2]) as tmp:
+    (tmp / "half.txt").write_text("in progress")
+    print(tmp, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_live_writers_old_partial_folder_is_kept_and_removed_once_it_is_killed(tmp_path):
+    argv = [sys.executable, "-c", LIVE_WRITER, atomic.__file__, str(tmp_path / "9")]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as writer:
+        try:
+            partial = Path(writer.stdout.readline().strip())
+            two_hours_ago = time.time() - 2 * 3600  # beyond STALE_SECONDS: its age alone would call it dead
+            os.utime(partial, (two_hours_ago, two_hours_ago))
+            recover_all(tmp_path)
+            assert (partial / "half.txt").read_text() == "in progress"  # its writer holds the lock: kept
+        finally:
+            writer.kill()
+    recover_all(tmp_path)  # the lock died with the process: removed at once
+    assert list(tmp_path.iterdir()) == []

@@ -29,7 +29,7 @@ import numpy as np
 import keras_hub
 import tensorflow as tf
 
-from keras_biasinject.layers.checks import check_positive_int
+from keras_biasinject.layers.checks import check_positive_int, is_finite_number
 
 FILE_SUFFIXES = (".csv", ".jsonl")
 Control = Union[float, Sequence[float]]
@@ -381,7 +381,7 @@ def _check_control_map(control_map):
         if (
             not isinstance(vector, (list, tuple))
             or not vector
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vector)
+            or not all(is_finite_number(v) for v in vector)
         ):
             raise ValueError(
                 f"DataConfig: control_map[{label!r}] must be a finite number or a list of them. Got {value!r}."

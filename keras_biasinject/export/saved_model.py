@@ -18,7 +18,8 @@ feedback head), and a destination this process can write in. `write_version` pub
 with `atomic_dir`, in one rename: an interrupted export leaves no version that a server would load,
 and an existing version is replaced only with `overwrite=True`. The partial folders that killed
 exports left under `<base_dir>/<name>` are removed by the next export there once their writer is
-gone (a dead process of this host, or an hour untouched; see `keras_biasinject.atomic`).
+gone (its writer's lock is free, or without a lock file an hour untouched; see
+`keras_biasinject.atomic`).
 """
 
 import json

@@ -11,6 +11,33 @@ import numpy as np
 from keras import ops
 
 keras_tensor_type = getattr(keras, "KerasTensor", None)
+_BIG = 10**20  # integers from this size on are described by their number of digits, not printed
+
+
+def describe(value):
+    """`value` for an error message, shortened: a huge integer as "an integer of 1,000 digits" (Python
+    cannot even print one of more than 4,300), anything else as its `repr`, cut at 80 characters."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and abs(int(value)) >= _BIG:
+        try:
+            return f"an integer of {len(str(abs(int(value)))):,} digits"
+        except ValueError:  # beyond Python's limit on printing integers
+            return f"an integer of about {int(abs(int(value)).bit_length() * math.log10(2)) + 1:,} digits"
+    try:
+        text = repr(value)
+    except ValueError:  # a container holding an integer too long to print
+        return f"a {type(value).__name__} holding an integer too long to print"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_finite_number(value):
+    """True for an int, float or numpy number (not a bool) that is finite as a float: NaN, inf and
+    integers beyond the float range (about 1.8e308, where `float()` raises OverflowError) are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def check_positive_int(value, name, owner, allow_none=False):
@@ -19,7 +46,7 @@ def check_positive_int(value, name, owner, allow_none=False):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         what = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"{owner}: `{name}` must be {what}. Got {name}={value!r}.")
+        raise ValueError(f"{owner}: `{name}` must be {what}. Got {name}={describe(value)}.")
     return int(value)
 
 
@@ -28,18 +55,17 @@ def check_positive_number(value, name, owner, allow_none=False):
     passes when `allow_none`."""
     if allow_none and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
-        math.isfinite(value) and value > 0
-    ):
+    if not (is_finite_number(value) and value > 0):
         what = "a positive number" + (" or None" if allow_none else "")
-        raise ValueError(f"{owner}: `{name}` must be {what}. Got {name}={value!r}; give a finite value above zero.")
+        raise ValueError(f"{owner}: `{name}` must be {what}. Got {name}={describe(value)}; give a finite value above "
+                         "zero (and below 1.8e308, the float range).")
     return float(value)
 
 
 def check_index(value, name, owner):
     """Returns `value` as an int (Python or numpy integer, any sign), or raises ValueError; bools are refused."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{owner}: `{name}` must be an integer. Got {name}={value!r}.")
+        raise ValueError(f"{owner}: `{name}` must be an integer. Got {name}={describe(value)}.")
     return int(value)
 
 

@@ -16,13 +16,12 @@ control this way, in `ControlAdapter.call` (layers/adapter.py).
 """
 
 import contextlib
-import math
 import threading
 
 import numpy as np
 from keras import ops
 
-from keras_biasinject.layers.checks import check_finite_control
+from keras_biasinject.layers.checks import check_finite_control, describe, is_finite_number
 
 _scopes = threading.local()
 
@@ -53,22 +52,18 @@ def current_control():
 
 def check_neutral(neutral, control_dim, owner):
     """Returns `neutral` as a float or a list of `control_dim` floats, or raises ValueError."""
-    if isinstance(neutral, bool) or (isinstance(neutral, (list, tuple)) and any(isinstance(v, bool) for v in neutral)):
-        raise ValueError(f"{owner}: `neutral` must be a float or a list of floats, not a bool. Got neutral={neutral!r}.")
-    if isinstance(neutral, (int, float)):
-        values = [float(neutral)]
-    else:
-        values = np.asarray(neutral, dtype="float64").reshape(-1).tolist()
-        if len(values) != control_dim:
-            raise ValueError(
-                f"{owner}: `neutral` has {len(values)} entries but control_dim={control_dim}. "
-                f"Pass one float, or a list of {control_dim} floats. Got neutral={neutral!r}."
-            )
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{owner}: `neutral` must be finite. Got neutral={neutral!r}.")
-    return values[0] if isinstance(neutral, (int, float)) else values
-
-
+    scalar = isinstance(neutral, (int, float, np.integer, np.floating))
+    array_like = isinstance(neutral, (list, tuple, np.ndarray))
+    values = [neutral] if scalar else np.asarray(neutral, dtype=object).reshape(-1).tolist() if array_like else None
+    if values is None or not all(is_finite_number(v) for v in values):
+        raise ValueError(f"{owner}: `neutral` must be finite: a float or a list of floats, not a bool, NaN, inf or an "
+                         f"integer beyond the float range (1.8e308). Got neutral={describe(neutral)}.")
+    if not scalar and len(values) != control_dim:
+        raise ValueError(
+            f"{owner}: `neutral` has {len(values)} entries but control_dim={control_dim}. "
+            f"Pass one float, or a list of {control_dim} floats. Got neutral={describe(neutral)}."
+        )
+    return float(neutral) if scalar else [float(v) for v in values]
 
 
 def centred_control(control, neutral, control_dim, max_lead, dtype, owner):

@@ -13,7 +13,7 @@ import numpy as np
 from keras import ops
 
 from keras_biasinject.layers import control as control_lib
-from keras_biasinject.layers.checks import check_positive_int, check_positive_number
+from keras_biasinject.layers.checks import check_positive_int, check_positive_number, describe, is_finite_number
 
 
 @keras.saving.register_keras_serializable(package="keras_biasinject")
@@ -75,14 +75,13 @@ class DecayFeedback(keras.layers.Layer):
         self.feedback_dim = check_positive_int(
             control_dim if feedback_dim is None else feedback_dim, "feedback_dim", name
         )
-        half_life_values = np.asarray(half_life, dtype="float64").reshape(-1)
-        if half_life_values.size not in (1, self.control_dim) or not np.all(np.isfinite(half_life_values)) or (
-            np.any(half_life_values <= 0)
-        ):
+        values = np.asarray(half_life, dtype=object).reshape(-1).tolist()
+        if len(values) not in (1, self.control_dim) or not all(is_finite_number(v) and v > 0 for v in values):
             raise ValueError(
                 f"{name}: `half_life` must be one positive finite number or {self.control_dim} of "
-                f"them (one per control dimension). Got half_life={half_life!r}."
+                f"them (one per control dimension). Got half_life={describe(half_life)}."
             )
+        half_life_values = np.asarray(values, dtype="float64")
         self.half_life = float(half_life_values[0]) if np.ndim(half_life) == 0 else half_life_values.tolist()
         self.neutral = control_lib.check_neutral(neutral, self.control_dim, name)
         self.max_norm = check_positive_number(max_norm, "max_norm", name, allow_none=True)

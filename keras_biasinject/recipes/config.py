@@ -10,8 +10,8 @@ A recipe is a TOML (or YAML) file with four tables, each a small dataclass below
     [feedback] the feedback head (method "feedback_head", causal_lm): pooling, activation, ...
 
 Unknown keys and bad values raise `ValueError` naming the table, the key and what is allowed; so do NaN
-and inf anywhere (`learning_rate = inf`, `--set train.learning_rate=1e999`), bools or floats where a
-count belongs, and counts beyond int32. Numpy integers pass wherever Python integers do.
+and inf anywhere (`learning_rate = inf`, `--set train.learning_rate=1e999`), integers beyond the float
+range anywhere (`alpha = 10**400`), bools or floats where a count belongs, and counts beyond int32. Numpy integers pass wherever Python integers do.
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import yaml
 
-from keras_biasinject.layers.checks import check_positive_int, check_positive_number
+from keras_biasinject.layers.checks import check_positive_int, check_positive_number, describe, is_finite_number
 from keras_biasinject.rewrite.config import InjectionConfig
 
 if sys.version_info >= (3, 11):
@@ -109,6 +109,9 @@ def _check_finite(value, key):
     elif isinstance(value, (float, np.floating)) and not math.isfinite(value):
         raise ValueError(f"recipe: `{key}` = {value!r} is not a finite number. NaN and inf are refused everywhere in "
                          "a recipe (they make every weight NaN): give a finite value.")
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and not is_finite_number(value):
+        raise ValueError(f"recipe: `{key}` = {describe(value)} is out of range: a number in a recipe must fit a float "
+                         f"(at most 1.8e308), a count at most {MAX_COUNT:,}. Give a smaller value.")
 
 
 def _build(cls, table, values):
@@ -187,8 +190,8 @@ class Recipe:
         fb.epochs = _count(fb.epochs, "epochs", "recipe: [feedback]")
         fb.learning_rate = check_positive_number(fb.learning_rate, "learning_rate", "recipe: [feedback]")
         j = fb.control_jitter
-        if isinstance(j, bool) or not isinstance(j, (int, float)) or not 0 <= j < float("inf"):
-            raise ValueError(f"recipe: [feedback] control_jitter must be a number >= 0. Got control_jitter={j!r}.")
+        if not is_finite_number(j) or j < 0:
+            raise ValueError(f"recipe: [feedback] control_jitter must be a finite number >= 0. Got control_jitter={describe(j)}.")
 
     def _check_numbers(self):
         train, model = self.train, self.model
@@ -212,7 +215,7 @@ class Recipe:
         model.num_classes = _count(model.num_classes, "num_classes", "recipe: [model]", allow_none=True)
         d = model.dropout
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1):
-            raise ValueError(f"recipe: [model] dropout must be a number in [0, 1), or left out. Got dropout={d!r}.")
+            raise ValueError(f"recipe: [model] dropout must be a number in [0, 1), or left out. Got dropout={describe(d)}.")
         if self.task == "causal_lm" and self.model.num_classes is not None:
             raise ValueError("recipe: [model] num_classes is for task='classification'; remove it for 'causal_lm'.")
 
@@ -222,13 +225,11 @@ class Recipe:
             setattr(steer, name, _count(getattr(steer, name), name, owner))
         label = steer.positive_label
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
-            raise ValueError(f"{owner}: `positive_label` must be an integer >= 0. Got positive_label={label!r}.")
+            raise ValueError(f"{owner}: `positive_label` must be an integer >= 0. Got positive_label={describe(label)}.")
         steer.positive_label = int(label)
         controls = steer.controls
-        if not isinstance(controls, (list, tuple)) or not controls or not all(
-            isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, bool) for c in controls
-        ):
-            raise ValueError(f"{owner}: `controls` must be a non-empty list of numbers. Got controls={controls!r}.")
+        if not isinstance(controls, (list, tuple)) or not controls or not all(is_finite_number(c) for c in controls):
+            raise ValueError(f"{owner}: `controls` must be a non-empty list of finite numbers. Got controls={describe(controls)}.")
         if steer.judge is not None and not isinstance(steer.judge, str):
             raise ValueError(f"{owner}: `judge` must be a run folder (a string) or left out. Got judge={steer.judge!r}.")
 
@@ -253,7 +254,7 @@ def _read(path):
     if path.suffix == ".toml":
         try:
             return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
+        except ValueError as error:  # a TOMLDecodeError, or an integer of more than 4,300 digits
             raise ValueError(f"recipe: {str(path)!r} is not valid TOML: {error}.") from None
     if path.suffix in (".yaml", ".yml"):
         try:

@@ -19,7 +19,6 @@ or tensor and the value; the model is left exactly as it was.
 
 import hashlib
 import json
-import math
 import re
 import warnings
 from pathlib import Path
@@ -31,7 +30,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
 from keras_biasinject.atomic import atomic_dir
+from keras_biasinject.layers.checks import describe, is_finite_number
 from keras_biasinject.layers.feedback_head import FeedbackHead
+from keras_biasinject.layers.kinds import ADAPTER_KINDS, adapter_weight
 from keras_biasinject.rewrite.config import InjectionConfig
 from keras_biasinject.rewrite.feedback import add_feedback_head
 from keras_biasinject.rewrite.inject import inject
@@ -45,6 +46,10 @@ WEIGHTS_FILE = "adapter_weights.safetensors"
 FORMAT = "keras_biasinject.adapter/1"
 _IGNORED_BACKBONE_KEYS = ("name", "trainable", "dtype")  # may differ between the base it was saved from and now
 _FIX = "Save the adapter again with `save_adapter` (the file was edited, truncated or written by something else)."
+_SHAPE_FIELDS = {  # adapter weight -> the (axis, InjectionConfig field) pairs its shape is made of
+    "lora_a": ((-1, "rank"),), "lora_b": ((0, "rank"),),
+    "control_gain": ((0, "control_dim"), (1, "rank")), "control_kernel": ((0, "control_dim"),),
+}
 _KEY_TYPES = {  # every key of CONFIG_FILE and the JSON type of its value
     "format": str, "base_class": str, "backbone_class": str, "backbone_config": dict, "injection": dict,
     "named_controls": dict, "feedback_head": (dict, type(None)), "base_fingerprint": str, "weights": dict,
@@ -138,6 +143,7 @@ def _read(path):
     config = _check_keys(_parse_json(path / CONFIG_FILE), file)
     injection = _injection_of(config, file)
     _check_named_controls(config["named_controls"], injection.control_dim, file)
+    _check_declared_shapes(injection, config["weights"], file)
     head = _feedback_head_of(config["feedback_head"], file)
     return config, injection, head, _read_weights(path / WEIGHTS_FILE, config["weights"], file)
 
@@ -156,17 +162,19 @@ def _parse_json(file):
         raise ValueError(f"load_adapter: {str(file)!r} must hold a JSON object; got a {type(config).__name__}. {_FIX}")
     key, value = _first_non_finite(config)
     if key is not None:
-        raise ValueError(f"load_adapter: {str(file)!r}: key {key!r} must be a finite number. Got {value!r}. {_FIX}")
+        raise ValueError(f"load_adapter: {str(file)!r}: key {key!r} must be a finite number. Got {describe(value)} "
+                         f"(NaN, inf and integers beyond the float range, 1.8e308, are refused). {_FIX}")
     return config
 
 
 def _first_non_finite(tree):
-    """(dotted key, value) of the first NaN or inf number in a parsed JSON tree, else (None, None); no
-    recursion, so a deep tree cannot overflow the stack."""
+    """(dotted key, value) of the first NaN, inf or integer beyond the float range (`float()` raises
+    OverflowError on it) in a parsed JSON tree, else (None, None); no recursion, so a deep tree cannot
+    overflow the stack."""
     stack = [("", tree)]
     while stack:
         key, value = stack.pop()
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not is_finite_number(value):
             return key, value
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in items)
@@ -214,7 +222,7 @@ def _short(value):
 def _injection_of(config, file):
     try:
         return InjectionConfig.from_dict(config["injection"])
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OverflowError) as error:
         raise ValueError(
             f"load_adapter: {str(file)!r}: key 'injection' is not a valid InjectionConfig: {error} {_FIX}"
         ) from None
@@ -222,12 +230,38 @@ def _injection_of(config, file):
 
 def _check_named_controls(controls, control_dim, file):
     for name, vector in controls.items():
-        numbers = isinstance(vector, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vector)
+        numbers = isinstance(vector, list) and all(is_finite_number(v) for v in vector)
         if not numbers or len(vector) != control_dim:
             raise ValueError(
                 f"load_adapter: {str(file)!r}: key 'named_controls.{name}' must be {control_dim} number(s) "
                 f"(control_dim={control_dim}). Got {_short(vector)}. {_FIX}"
             )
+
+
+def _check_declared_shapes(injection, shapes, file):
+    """Checks the fields of `injection` that size the adapter weights (kind, rank, control_dim) against
+    the shapes the config lists (which the weights file must then match), before `inject` allocates
+    anything: a tampered `rank` of 10**6 would otherwise allocate gigabytes first. Every such field of
+    the kind must be fixed by at least one listed weight."""
+    kind = ADAPTER_KINDS[injection.kind]
+    fixed = set()
+    for path, shape in shapes.items():
+        found = adapter_weight(path)
+        if found is None:  # an extra trainable layer's or the feedback head's weight
+            continue
+        if found[0] is not kind:
+            raise ValueError(f"load_adapter: {str(file)!r}: key 'injection.kind' is {injection.kind!r}, but key "
+                             f"'weights' lists {_short(path)}, a weight of kind {found[0].kind!r}. {_FIX}")
+        for axis, field in _SHAPE_FIELDS.get(found[1], ()):
+            value = getattr(injection, field)
+            if len(shape) <= max(axis, -axis - 1) or shape[axis] != value:
+                raise ValueError(f"load_adapter: {str(file)!r}: key 'injection.{field}' is {describe(value)}, but key "
+                                 f"'weights.{path}' lists shape {_short(shape)}. {_FIX}")
+            fixed.add(field)
+    used = {field for name in kind.weight_names for _, field in _SHAPE_FIELDS.get(name, ())}
+    if used - fixed:
+        raise ValueError(f"load_adapter: {str(file)!r}: key 'weights' lists no weight of an adapter of kind "
+                         f"{injection.kind!r}, so 'injection.{sorted(used - fixed)[0]}' cannot be checked. {_FIX}")
 
 
 def _feedback_head_of(serialized, file):

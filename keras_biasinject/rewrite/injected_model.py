@@ -27,7 +27,7 @@ import keras_hub
 import numpy as np
 from keras import ops
 
-from keras_biasinject.layers.checks import check_finite_control
+from keras_biasinject.layers.checks import check_finite_control, is_finite_number
 from keras_biasinject.layers.control import control_scope, current_control
 from keras_biasinject.rewrite import feedback as feedback_lib
 from keras_biasinject.rewrite.config import InjectionConfig
@@ -89,6 +89,8 @@ class InjectedModel:
         dim = self.injection.config.control_dim
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"add_control: `name` must be a non-empty string. Got name={name!r}.")
+        if np.ndim(vector) <= 1 and not all(is_finite_number(v) for v in np.asarray(vector, dtype=object).reshape(-1)):
+            raise ValueError(f"add_control: control {name!r} must be finite numbers. Got {str(vector)[:80]}.")
         values = np.asarray(vector, dtype="float64").reshape(-1) if np.ndim(vector) <= 1 else None
         if values is None or values.shape != (dim,):
             raise ValueError(

@@ -225,3 +225,9 @@ def test_a_non_utf8_file_names_the_file_and_the_line(tmp_path, name):
     with pytest.raises(ValueError, match=rf"File '.*{name}' line {line}: not UTF-8 \(byte b'\\xe9' at column \d+\)\. "
                                          "Save the file as UTF-8"):
         read_examples(config)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 10**400, [1.0, True]])
+def test_control_map_values_must_be_finite_numbers(tmp_path, value):
+    with pytest.raises(ValueError, match=r"control_map\['great'\] must be a finite number or a list of them"):
+        DataConfig(tmp_path / "r.csv", text_column="text", label_column="label", control_map={"great": value, "other": 0.0})

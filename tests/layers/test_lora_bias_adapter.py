@@ -236,7 +236,7 @@ def test_numpy_numbers_are_accepted_and_bools_refused():
     adapter = LoRABiasAdapter(base, rank=np.int64(2), control_dim=np.int32(1), alpha=np.float32(4))
     assert type(adapter.rank) is int and adapter.scale == 2.0
     base, _ = make_base("dense_gelu")
-    with pytest.raises(ValueError, match="`neutral` must be a float or a list of floats, not a bool"):
+    with pytest.raises(ValueError, match="`neutral` must be finite: a float or a list of floats, not a bool"):
         LoRABiasAdapter(base, rank=2, control_dim=1, neutral=True)
 
 

@@ -76,7 +76,7 @@ def test_overrides_and_round_trip(tmp_path):
         (LM + 'methods = ["bias_injection", "feedback_head"]\n', r"'feedback_head' needs .* a \[feedback\] table"),
         (LM + 'methods = ["feedback_head", "bias_injection"]\n[feedback]\n', r"list that method before it"),
         (LM + 'methods = ["bias_injection", "feedback_head"]\n[feedback]\npooling = "max"\n', r"\[feedback\] pooling must be .* Got pooling='max'"),
-        (LM + 'methods = ["bias_injection", "feedback_head"]\n[feedback]\ncontrol_jitter = -1\n', r"control_jitter must be a number >= 0. Got control_jitter=-1"),
+        (LM + 'methods = ["bias_injection", "feedback_head"]\n[feedback]\ncontrol_jitter = -1\n', r"control_jitter must be a finite number >= 0. Got control_jitter=-1"),
         (LM + '[feedback]\nheads = 2\n', r"unknown key\(s\) \['heads'\] in \[feedback\]"),
         ("task = [", r"is not valid TOML"),
     ],
@@ -144,13 +144,38 @@ def test_non_finite_numbers_are_refused_anywhere(tmp_path, text, key):
         ("inject.targets", "query(", r"\[inject\] InjectionConfig: `targets`='query\(' is not a valid regex"),
         ("inject.blocks", 0, r"\[inject\] InjectionConfig: `blocks` must be a list of block indices \(e.g."),
         ("steer.samples", True, r"\[steer\]: `samples` must be a positive integer. Got samples=True"),
-        ("steer.controls", "1", r"\[steer\]: `controls` must be a non-empty list of numbers"),
+        ("steer.controls", "1", r"\[steer\]: `controls` must be a non-empty list of finite numbers"),
         ("steer.positive_label", -1, r"\[steer\]: `positive_label` must be an integer >= 0"),
     ],
 )
 def test_overrides_of_the_wrong_type_name_the_key(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
         load_recipe(write(tmp_path, GOOD), [(key, value)])
+
+
+DIGITS_400 = "9" * 400  # beyond the float range: `float()` and `math.isfinite` raise OverflowError on it
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        (GOOD + f"[inject]\nalpha = {DIGITS_400}\n", "inject.alpha"),
+        (GOOD + f"[inject]\nneutral = [{DIGITS_400}]\n", r"inject.neutral\[0\]"),
+        (GOOD.replace("epochs = 1", f"learning_rate = {DIGITS_400}"), "train.learning_rate"),
+        (GOOD.replace("great = 1.0", f"great = {DIGITS_400}"), "data.control_map.great"),
+        (LM + f"[steer]\ncontrols = [-1, {DIGITS_400}]\n", r"steer.controls\[1\]"),
+        (LM + f'methods = ["bias_injection", "feedback_head"]\n[feedback]\ncontrol_jitter = {DIGITS_400}\n', "feedback.control_jitter"),
+    ],
+)
+def test_integers_beyond_the_float_range_are_refused_anywhere(tmp_path, text, key):
+    with pytest.raises(ValueError, match=rf"recipe: `{key}` = an integer of 400 digits is out of range: .* Give a smaller value"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_a_toml_integer_too_long_to_read_names_the_file(tmp_path):
+    path = write(tmp_path, GOOD.replace("epochs = 1", "epochs = 1" + "0" * 5000))
+    with pytest.raises(ValueError, match=rf"recipe: '{path}' is not valid TOML: .*4300 digits"):
+        load_recipe(path)
 
 
 def test_numpy_integers_are_accepted_where_ints_are(tmp_path):

@@ -120,7 +120,7 @@ def test_a_tampered_adapter_is_refused_and_the_base_left_unchanged(trained, tmp_
     x = tokens()
     expected = out(base, x)
     before = state_of(base)
-    with pytest.raises(ValueError, match=r"weight '.*lora_a' has shape \(16, 2, 2\) in .*; the model needs \(16, 2, 4\)"):
+    with pytest.raises(ValueError, match=r"key 'injection.rank' is 4, but key 'weights\..*lora_a' lists shape \[16, 2, 2\]"):
         load_adapter(base, path)
     after = state_of(base)
     assert type(base) is keras_hub.models.GPT2CausalLM and after[2] == before[2] and after[3] == before[3]
@@ -252,6 +252,18 @@ TAMPERED = {
     "inf tensor": (set_first_tensor(lambda t: np.full_like(t, np.inf)), WEIGHTS, r"tensor '.*control_gain' holds NaN or inf"),
     "a tensor this model lacks": (add_tensor_to_both, "", r"do not fit this model: missing \[\], unexpected \['extra/kernel'\]"),
     "targets the model lacks": (set_injection(targets="no_such_layer"), CONFIG, r"'injection' in .* does not apply to this model"),
+    # integers beyond the float range (`float()` raises OverflowError): a ValueError naming the key
+    "alpha of 400 digits": (set_injection(alpha=10**399), CONFIG, r"key 'injection.alpha' must be a finite number. Got an integer of 400 digits"),
+    "neutral of 400 digits": (set_injection(neutral=[10**399, 0.0]), CONFIG, r"key 'injection.neutral.0' must be a finite number"),
+    "named control of 400 digits": (edit_config(lambda c: c["named_controls"].update(positive=[1.0, -(10**399)])), CONFIG,
+                                    r"key 'named_controls.positive.1' must be a finite number. Got an integer of 400 digits"),
+    # fields that size the adapter weights, checked against the listed shapes before `inject` allocates
+    "rank 10**6": (set_injection(rank=10**6), CONFIG, r"key 'injection.rank' is 1000000, but key 'weights\..*/lora_a' lists shape \[16, 2, 4\]"),
+    "control_dim 10**6": (edit_config(lambda c: (c["injection"].update(control_dim=10**6), c["named_controls"].clear())), CONFIG,
+                          r"key 'injection.control_dim' is 1000000, but key 'weights\..*' lists shape \[2, "),
+    "another kind": (set_injection(kind="bias"), CONFIG, r"key 'injection.kind' is 'bias', but key 'weights' lists .*of kind 'lora_bias'"),
+    "no adapter weight listed": (edit_config(lambda c: c.update(weights={})), CONFIG,
+                                 r"key 'weights' lists no weight of an adapter of kind 'lora_bias', so 'injection.control_dim' cannot"),
 }
 
 

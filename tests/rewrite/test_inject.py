@@ -131,6 +131,8 @@ def test_unmatched_exclude_warns():
         ({"blocks": [True]}, r"`blocks` must be a list of block indices. Got blocks=\[True\]"),
         ({"rank": True}, "`rank` must be a positive integer. Got rank=True"),
         ({"neutral": float("nan")}, "`neutral` must be finite"),
+        ({"alpha": 10**400}, "`alpha` must be a positive number or None. Got alpha=an integer of 401 digits"),  # not OverflowError
+        ({"neutral": [10**400]}, r"`neutral` must be finite: .*Got neutral=\[1000"),
     ],
 )
 def test_a_failing_inject_leaves_the_model_exactly_as_it_was(fields, message):
@@ -209,3 +211,11 @@ def test_fit_on_a_dataset_with_a_nan_control_raises_after_training(injected_lm):
     with pytest.raises(ValueError, match=r"fit: training made \d+ trainable weight\(s\) NaN or inf .* Likely causes: a "
                                          "learning rate too high, or NaN/inf in the data or the control"):
         injected_lm.fit(data, verbose=0)
+
+
+def test_add_control_refuses_integers_beyond_the_float_range(injected_lm):
+    model = injected_lm
+    before = dict(model.named_controls)
+    with pytest.raises(ValueError, match="control 'huge' must be finite numbers"):
+        model.add_control("huge", [10**400])
+    assert model.named_controls == before
