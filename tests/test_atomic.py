@@ -102,12 +102,16 @@ def test_a_partial_folder_of_a_dead_writer_is_removed_at_once_and_a_live_ones_ke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["8"]
 
 
-# A writer killed inside an `atomic_dir` block; atomic.py loaded alone, so the child starts in milliseconds.
-KILLED_WRITER = """
+# A child process that loads atomic.py alone (no TensorFlow), so it starts in milliseconds.
+LOAD_ATOMIC = """
 import importlib.util, os, sys
 spec = importlib.util.spec_from_file_location("atomic", sys.argv[1])
 atomic = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(atomic)
+"""
+
+# A writer killed inside an `atomic_dir` block.
+KILLED_WRITER = LOAD_ATOMIC + """
 with atomic.atomic_dir(sys.argv[2]) as tmp:
     (tmp / "half.txt").write_text("torn")
     os._exit(9)  # killed mid-write: no cleanup runs
@@ -123,11 +127,7 @@ def killed_writer(final):
 
 
 # A writer that blocks inside an `atomic_dir` block until its stdin closes: a long export in progress.
-LIVE_WRITER = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("atomic", sys.argv[1])
-atomic = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(atomic)
+LIVE_WRITER = LOAD_ATOMIC + """
 with atomic.atomic_dir(sys.argv[2]) as tmp:
     (tmp / "half.txt").write_text("in progress")
     print(tmp, flush=True)

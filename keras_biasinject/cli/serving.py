@@ -51,6 +51,8 @@ def read_token(path):
         token = Path(path).read_text(encoding="utf-8").strip()
     except UnicodeDecodeError:
         token = "\ufffd"
+    except OSError as error:
+        raise ValueError(f"--token-file {path!r}: cannot read it ({error.strerror or error}); give a file holding the token.") from None
     if not token:
         raise ValueError(f"--token-file {path!r} is empty; write a long random token into it (e.g. `openssl rand -hex 32`).")
     if not (token.isascii() and token.isprintable()):
@@ -63,6 +65,8 @@ def read_json_file(path, flag):
     """The JSON in file `path` (given as `flag`); ValueError naming both if it is not JSON."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"{flag} {path!r}: cannot read it ({error.strerror or error}); give a JSON file.") from None
     except (ValueError, RecursionError) as error:
         raise ValueError(f"{flag} {path!r} is not valid JSON: {str(error)[:200]}") from None
 

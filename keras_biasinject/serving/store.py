@@ -36,6 +36,20 @@ class SessionLimitError(Exception):
     """A new session would exceed the store's session limit."""
 
 
+def wal_mode(db, seconds=30.0):
+    """Switches `db` to WAL mode. SQLite answers "database is locked" at once, without waiting, when
+    another connection (a replica starting at the same time) holds the file meanwhile: try again."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SQLiteStore(SessionStore):
     """The default store: one SQLite file at `path` (WAL mode), one connection per thread."""
 
@@ -72,7 +86,7 @@ class SQLiteStore(SessionStore):
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # explicit transactions
-            db.execute("PRAGMA journal_mode=WAL")
+            wal_mode(db)
             db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the client hears back
             self._local.db = db
         return db

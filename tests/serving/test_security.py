@@ -271,6 +271,11 @@ def test_kbi_serve_refuses_bad_limits_tokens_and_stores_in_one_line(tmp_path, ca
     assert main(["serve", str(tmp_path / "lm"), "--store", str(tmp_path / "store")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"session store {str(tmp_path / 'store')!r} cannot be opened" in err
+    missing = str(tmp_path / "missing.txt")
+    assert main(["serve", str(tmp_path / "lm"), "--token-file", missing]) == 2
+    assert capsys.readouterr().err == f"kbi serve: error: --token-file {missing!r}: cannot read it (No such file or directory); give a file holding the token.\n"
+    assert main(["adapt", "http://127.0.0.1:9", "--examples", missing]) == 2
+    assert capsys.readouterr().err == f"kbi adapt: error: --examples {missing!r}: cannot read it (No such file or directory); give a JSON file.\n"
 
 
 def test_replicas_starting_together_on_an_old_store_migrate_it_once(tmp_path):

@@ -425,6 +425,8 @@ def test_a_publish_that_fails_after_writing_removes_the_new_version(adapting, mo
     srv, folder = adapting
     before, versions, served = weights(srv), sorted(p.name for p in (folder / "lm").iterdir()), srv.export
 
+    # Fault injection, not a stand-in for what is tested: the only way to make a load fail right after a
+    # real export wrote the version. The training, the export, the clean-up and the restore all run for real.
     def unloadable(path):
         raise OSError(f"cannot load {path}")  # as a disk failing between the write and the load would
 
