@@ -4,8 +4,8 @@ Each `prepare_<method>(model, recipe)` takes a freshly loaded KerasHub task and 
 train; all return the model to fit (the same object, or the injected one).
 """
 
-from keras_biasinject.rewrite.config import PRESETS
 from keras_biasinject.rewrite.inject import inject
+from keras_biasinject.rewrite.targets import find_targets
 
 HEAD = "logits"  # the Dense layer KerasHub's text classifiers put on the pooled output
 
@@ -27,15 +27,10 @@ def prepare_full(model, recipe):
 
 
 def prepare_keras_lora(model, recipe):
-    """KerasHub's built-in LoRA at the recipe's rank and targets (matched by layer name, as it does)."""
-    targets = recipe.inject.targets
-    names = PRESETS.get(targets, targets) if isinstance(targets, str) else targets
-    if isinstance(targets, str) and targets not in PRESETS:
-        raise ValueError(
-            f"recipe: method 'keras_lora' matches layers by name and cannot use the regex targets={targets!r}; "
-            "give [inject] targets as a preset or a list of layer names."
-        )
-    model.backbone.enable_lora(recipe.inject.rank, target_layer_names=[n.rsplit("/", 1)[-1] for n in names])
+    """KerasHub's built-in LoRA at the recipe's rank, on the layers that the recipe's targets select
+    (by their names: `enable_lora` matches layer names, so same-named layers elsewhere adapt too)."""
+    names = sorted({target.layer.name for target in find_targets(model.backbone, recipe.inject)})
+    model.backbone.enable_lora(recipe.inject.rank, target_layer_names=names)
     return model
 
 

@@ -11,18 +11,13 @@ from keras_biasinject.layers.lora_bias_adapter import GATES
 
 KINDS = tuple(ADAPTER_KINDS)  # "lora_bias" (LoRABiasAdapter), "bias" (BiasInjectDense)
 
-# Named target sets: a layer matches when the last segment of its path is one of the names.
-# KerasHub names its projections alike across families (GPT-2, BERT, Llama, Gemma, Qwen, ...).
-ATTENTION = ["query", "key", "value", "attention_output"]
-MLP = [
-    "feedforward_intermediate_dense", "feedforward_gate_dense", "feedforward_output_dense",  # GPT-2, BERT, Llama, Qwen
-    "ffw_gating", "ffw_gating_2", "ffw_linear",  # Gemma
-]
+# Named target sets, read from each model's structure so that each means the same on every family
+# (keras_biasinject/rewrite/targets.py finds them; a projection is a Dense or EinsumDense in a block).
 PRESETS = {
-    "query_value": ["query", "value"],  # as KerasHub's `enable_lora`
-    "attention": ATTENTION,
-    "mlp": MLP,
-    "all-linear": ATTENTION + MLP,
+    "query_value": "the layers KerasHub's own enable_lora picks by name (backbone.default_lora_layer_names())",
+    "attention": "every projection inside the attention sublayers of each block (self- and cross-attention)",
+    "mlp": "the feed-forward projections of each block (outside attention; MoE routers excluded)",
+    "all-linear": "every projection in the blocks",
 }
 
 Pattern = Union[str, Sequence[str], None]
@@ -35,7 +30,7 @@ class InjectionConfig:
 
     targets: Pattern = "query_value"  # layers to adapt; presets: query_value, attention, mlp, all-linear
     exclude: Pattern = None  # layers never to adapt, even if `targets` matched them
-    blocks: Optional[Sequence[int]] = None  # transformer block indices to adapt (None: all); negatives count from the end
+    blocks: Optional[Sequence[int]] = None  # block indices (None: all; negatives from the end); encoder-decoder: encoder's, then decoder's
     kind: str = "lora_bias"  # "lora_bias" (LoRABiasAdapter) or "bias" (BiasInjectDense: control bias only)
     rank: int = 8  # rank of the low-rank update (kind "lora_bias")
     alpha: Optional[float] = None  # update scale numerator, alpha / rank; None means rank
