@@ -110,7 +110,27 @@ class ControlAdapter(keras.layers.Layer):
     def centred(self, control, y):
         """`c - neutral` for a call whose pre-activation output is `y` (checked against its axes)."""
         lead = len(y.shape) - len(self.projection.feature_shape)
-        return control_lib.centred_control(control, self.neutral, self.control_dim, lead, self.compute_dtype, self.path)
+        centred = control_lib.centred_control(control, self.neutral, self.control_dim, max(lead, 2), self.compute_dtype, self.path)
+        if lead >= 2 and len(centred.shape) == 3 and None not in (y.shape[1], centred.shape[1]) and y.shape[1] != centred.shape[1]:
+            raise ValueError(  # DeBERTa runs its query/key projections on relative-position buckets too
+                f"{self.path}: control has shape {tuple(centred.shape)} (per token), but this layer is called on "
+                f"{y.shape[1]} positions, not the control's {centred.shape[1]}. Pass one control per example, "
+                f"[batch, {self.control_dim}]."
+            )
+        if lead != 1 or len(centred.shape) == 1:
+            return centred
+        # One leading axis: examples (a head over pooled outputs), or tokens flattened batch-major to
+        # [batch * seq, features] (MoE routers and shared experts): per-example controls repeat over each
+        # example's tokens, per-token controls flatten alike.
+        if len(centred.shape) == 3:
+            rows, known = y.shape[0], None not in centred.shape[:2]
+            if rows is not None and known and rows != centred.shape[0] * centred.shape[1]:
+                raise ValueError(
+                    f"{self.path}: control has shape {tuple(centred.shape)} (per token), but this layer sees {rows} rows, "
+                    f"not batch x seq = {centred.shape[0] * centred.shape[1]}. Pass one control per example, [batch, {self.control_dim}]."
+                )
+            return ops.reshape(centred, (-1, self.control_dim))
+        return ops.repeat(centred, ops.shape(y)[0] // ops.shape(centred)[0], axis=0)
 
     def control_bias(self, centred, y):
         """`(c - neutral) V`, aligned to add to `y`."""

@@ -300,7 +300,7 @@ def _read_weights(weights_file, shapes, config_file):
                              f"{str(config_file)!r} lists {shapes[name]}. {_FIX}")
         if not np.all(np.isfinite(array)):
             raise ValueError(f"load_adapter: {file!r}: tensor {name!r} holds NaN or inf values. {_FIX}")
-    return arrays
+    return {name: arrays[name] for name in shapes}  # in the config's order: the order they were saved in
 
 
 def _check_base(base_model, config, path):
@@ -338,6 +338,7 @@ def load_adapter(base_model, path):
         if head is not None:
             add_feedback_head(model, head)
         variables = _adapter_variables(model)
+        arrays = _renumbered(variables, arrays)
         _check_fit(variables, arrays, config, path)
         for name, vector in config["named_controls"].items():
             model.add_control(name, vector)
@@ -364,6 +365,22 @@ def _inject_from_file(base_model, injection, path):
         raise ValueError(
             f"load_adapter: the 'injection' in {str(Path(path) / CONFIG_FILE)!r} does not apply to this model: {error}"
         ) from None
+
+
+def _renumbered(variables, arrays):
+    """`arrays` keyed by this model's paths when the two differ only in numbers, else as they are.
+
+    KerasHub names some sublayers by a process-wide counter (`qwen_sparse_moe_block` in the process
+    that saved, `qwen_sparse_moe_block_2` in the one that loads). Paths equal up to their segments'
+    `_<number>` endings are paired in splice order, which the injection config fixes (block by block);
+    `_check_fit` then checks every shape."""
+    if set(variables) == set(arrays):
+        return arrays
+    pattern = lambda p: re.sub(r"_\d+(/|$)", r"\1", p)  # noqa: E731
+    ours, theirs = [pattern(p) for p in variables], [pattern(p) for p in arrays]
+    if ours != theirs:
+        return arrays
+    return {mine: arrays[saved] for mine, saved in zip(variables, arrays)}
 
 
 def _check_fit(variables, arrays, config, path):

@@ -133,7 +133,7 @@ def inject(model, config=None, **fields):
     targets = find_targets(backbone, config)
     extra = find_layers(model, config.trainable) if config.trainable else []
     for target in targets:  # the adapters' own checks, before any adapter freezes its base
-        Projection(target.layer, f"inject: layer '{target.path}'")
+        Projection(target.layer, f"inject: targets={config.targets!r}: layer '{target.path}'")
     trainable_before = (  # what `remove` restores; adapters freeze their base layers when made
         [(v, v.trainable) for v in model.weights],
         [(layer, layer.trainable) for layer in model._flatten_layers(include_self=True, recursive=True)],

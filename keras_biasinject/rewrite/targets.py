@@ -15,6 +15,8 @@ an encoder-decoder the encoder's blocks then the decoder's (`blocks=[i]` and `Ta
 
 import dataclasses
 import difflib
+import functools
+import inspect
 import re
 import warnings
 
@@ -177,10 +179,21 @@ def _holders(block):
     """Maps id(layer) -> (parent, attribute) for every sublayer held directly as an attribute."""
     holders = {}
     for parent in block._flatten_layers(include_self=True, recursive=True):
-        for attr, value in vars(parent).items():
+        for attr, value in {**getattr(parent, "_modules", {}), **vars(parent)}.items():  # torch: sublayers in _modules
             if isinstance(value, keras.layers.Layer) and value is not parent:
                 holders.setdefault(id(value), (parent, attr))
     return holders
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_weights_directly(parent_class, attr):
+    """Whether `parent_class`'s source multiplies by `self.<attr>.kernel` (Gemma4's blocks do, in some
+    branches), which an adapter spliced in place of that layer would never see."""
+    try:
+        source = inspect.getsource(parent_class)
+    except (OSError, TypeError):  # no source (a class built at run time): nothing to read
+        return False
+    return re.search(rf"self\.{re.escape(attr)}\.kernel\b", source) is not None
 
 
 def find_targets(backbone, config):
@@ -212,6 +225,12 @@ def find_targets(backbone, config):
             if id(layer) not in holders:
                 raise ValueError(f"inject: layer '{layer.path}' is not held by an attribute of its parent; it cannot be spliced.")
             parent, attr = holders[id(layer)]
+            if _reads_weights_directly(type(parent), attr):
+                raise ValueError(
+                    f"inject: targets={config.targets!r}: layer '{layer.path}' cannot be adapted: its parent "
+                    f"{type(parent).__name__} reads `self.{attr}.kernel` directly instead of calling the layer, so an "
+                    f"adapter there would be bypassed. Leave it out (exclude=['{layer.path}']) or choose another preset."
+                )
             targets.append(Target(layer.path, layer, parent, attr, index))
 
     if not targets:

@@ -110,8 +110,24 @@ def test_serve_runs_with_tensorflow_alone_and_equals_keras(lm, tmp_path):
         assert text in shown.stdout, text
 
 
+def test_keras_own_export_serves_the_control(lm, tmp_path):
+    """`model.export(path)` (Keras' own) puts `control` in the signature, and TensorFlow alone serves it."""
+    path = str(tmp_path / "keras_export")
+    lm.export(path)
+    rng = np.random.default_rng(5)
+    x = {"token_ids": rng.integers(1, VOCAB, (2, 6)), "padding_mask": np.ones((2, 6), "int32")}
+    c = rng.normal(size=(2, 2)).astype("float32")
+    (got,) = run_tf_only(tmp_path, path, [["serving_default", request(x, control=(c * 3, "float32"))]])
+    np.testing.assert_allclose(got["output_0"], out(lm, {**x, "control": c * 3}), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got["output_0"], out(lm, x), atol=1e-3)  # the served control steers
+    shown = subprocess.run([SAVED_MODEL_CLI, "show", "--dir", path, "--tag_set", "serve", "--signature_def", "serving_default"],
+                           capture_output=True, text=True, timeout=120)
+    assert "inputs['control'] tensor_info:" in shown.stdout and "shape: (-1, 2)" in shown.stdout, shown.stdout
+
+
 def test_merged_control_and_classifier_probabilities(lm, tmp_path):
-    cls, kwargs, extra, task = TINY["BERT"]
+    spec = TINY["BERT"]
+    cls, kwargs, task = spec.backbone, spec.kwargs, spec.task
     keras.utils.set_random_seed(0)
     clf = inject(getattr(keras_hub.models, task)(backbone=getattr(keras_hub.models, cls)(**kwargs), num_classes=3, preprocessor=None),
                  rank=2, trainable=["logits"])
@@ -196,7 +212,8 @@ def test_a_feedback_head_adds_feedback_to_serve_and_generate_and_changes_nothing
 
 
 def test_a_classifier_head_reads_pooled_and_merging_asks_to_take_it_off(tmp_path):
-    cls, kwargs, extra, task = TINY["BERT"]
+    spec = TINY["BERT"]
+    cls, kwargs, task = spec.backbone, spec.kwargs, spec.task
     keras.utils.set_random_seed(0)
     clf = inject(getattr(keras_hub.models, task)(backbone=getattr(keras_hub.models, cls)(**kwargs), num_classes=3, preprocessor=None),
                  rank=2, trainable=["logits"])

@@ -97,3 +97,21 @@ def test_weight_layouts_follow_the_kernel():
         assert cls.weight_layout("control_kernel", [None, "model"], 2) == [None, "model"]  # Dense [in, out]
         assert cls.weight_layout("control_kernel", [None, None, "batch"], 2) == [None, "batch"]  # [heads, head_dim, hidden]
 
+
+
+@pytest.mark.parametrize("kind", sorted(ADDED))
+def test_tokens_flattened_to_rows_take_their_examples_controls(kind):
+    """MoE routers and shared experts see [batch * seq, features]: a per-example control repeats over each
+    example's tokens and a per-token control flattens alike, as if the layer saw [batch, seq, features]."""
+    import keras
+
+    base = keras.layers.Dense(3)
+    adapter = make(kind, base) if base.build((None, 4)) is None else None
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 4)).astype("float32")  # (B, T, H)
+    flat = x.reshape(10, 4)  # (B*T, H), batch-major
+    for c in [rng.normal(size=(2, 2)).astype("float32"), rng.normal(size=(2, 5, 2)).astype("float32")]:
+        expected = numpy(adapter(x, control=c)).reshape(10, 3)
+        np.testing.assert_allclose(numpy(adapter(flat, control=c)), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"control has shape \(2, 4, 2\) \(per token\), but this layer sees 10 rows, not batch x seq = 8"):
+        adapter(flat, control=rng.normal(size=(2, 4, 2)).astype("float32"))

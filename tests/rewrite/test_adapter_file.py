@@ -311,3 +311,26 @@ def test_non_finite_weights_are_never_saved(trained, tmp_path):
     finally:
         variable.assign(kept)
     assert os.listdir(tmp_path) == []  # no folder, no partial folder
+
+
+def test_an_adapter_loads_into_a_model_whose_sublayers_kerashub_numbered_otherwise(tmp_path):
+    """KerasHub names MoE blocks by a process-wide counter: the loading model's paths differ only in numbers."""
+    from tests.rewrite.tiny_models import TINY
+
+    spec = TINY["QwenMoe"]
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return getattr(keras_hub.models, spec.task)(backbone=getattr(keras_hub.models, spec.backbone)(**spec.kwargs), preprocessor=None)
+
+    lm = inject(build(), targets="all-linear", rank=2)
+    rng = np.random.default_rng(0)
+    for w in lm.trainable_weights:
+        w.assign(rng.normal(size=w.shape).astype("float32"))
+    x = {"token_ids": rng.integers(1, 200, (2, 6)), "padding_mask": np.ones((2, 6), "int32")}
+    c = np.array([[1.0], [-2.0]], "float32")
+    save_adapter(lm, tmp_path / "moe")
+    other = build()
+    assert {w.path for w in other.weights} != {w.path.replace("_lora_bias", "") for w in lm.weights if "lora" not in w.path}
+    loaded = load_adapter(other, tmp_path / "moe")
+    assert np.array_equal(out(loaded, {**x, "control": c}), out(lm, {**x, "control": c}))

@@ -77,7 +77,8 @@ def test_merge_refuses_what_it_cannot_fold():
 
 
 def test_merge_needs_a_bias_for_the_control_term_when_the_base_has_none():
-    cls, kwargs, _, task = TINY["Llama"]
+    spec = TINY["Llama"]
+    cls, kwargs, task = spec.backbone, spec.kwargs, spec.task
     keras.utils.set_random_seed(0)
     lm = getattr(keras_hub.models, task)(backbone=getattr(keras_hub.models, cls)(**kwargs), preprocessor=None)
     rng = np.random.default_rng(0)
@@ -131,7 +132,8 @@ def test_int8_base_works_unmerged_and_merge_says_why_not():
 
 def test_tied_llama_round_trips_and_merges(tmp_path):
     # KerasHub 0.32 drops `tie_word_embeddings` from Llama's get_config (SmolLM2 is tied).
-    cls, kwargs, _, task = TINY["Llama3"]
+    spec = TINY["Llama3"]
+    cls, kwargs, task = spec.backbone, spec.kwargs, spec.task
     keras.utils.set_random_seed(0)
     lm = getattr(keras_hub.models, task)(backbone=getattr(keras_hub.models, cls)(**kwargs, tie_word_embeddings=True), preprocessor=None)
     x = {"token_ids": np.random.default_rng(0).integers(1, V, (2, 6)), "padding_mask": np.ones((2, 6), "int32")}
