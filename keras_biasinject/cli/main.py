@@ -3,6 +3,7 @@
     kbi demo --out runs/demo                      # the main job: MiniLM on Fine Food reviews
     kbi finetune recipes/classify_fine_foods.toml --out runs/cls --set train.epochs=3
     kbi finetune recipes/classify_fine_foods.toml --out runs/cls --strategy mirrored   # all local GPUs
+    KERAS_BACKEND=jax kbi finetune recipes/classify_fine_foods.toml --out runs/cls --strategy model-parallel
     kbi evaluate runs/cls --control 1 --control 0
     kbi generate smollm2-135m --adapter runs/lm/adapter --prompt "This tea" --control 1
     kbi loop runs/loop --target 0.8 --turns 20         # closed loop: the model's own readings set its control
@@ -150,8 +151,9 @@ def _run_options(p):
     p.add_argument("--methods", help="comma-separated methods to run, e.g. base,bias_injection")
     p.add_argument("--strategy", choices=list(STRATEGIES), default="default",
                    help="devices to train on: one (default), all local GPUs (mirrored), every worker in $TF_CONFIG "
-                        "(multi-worker; run the same command on each), or a TPU ($TPU_NAME). "
-                        "train.batch_size is the global batch")
+                        "(multi-worker; run the same command on each), a TPU ($TPU_NAME), or, with KERAS_BACKEND=jax, "
+                        "every device as a (batch, model) mesh with weights sharded over 2 of them (model-parallel; "
+                        "CPU: XLA_FLAGS=--xla_force_host_platform_device_count=4). train.batch_size is the global batch")
 
 
 def _add_training_commands(sub):

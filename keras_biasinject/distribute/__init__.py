@@ -1,6 +1,7 @@
 """Training on several devices, machines or a TPU (TensorFlow backend).
 
-- `make_strategy(name)`: "default", "mirrored", "multi-worker" (from $TF_CONFIG) or "tpu".
+- `make_strategy(name)`: "default", "mirrored", "multi-worker" (from $TF_CONFIG) or "tpu"; on the JAX
+  backend also "model-parallel" (`model_parallel` below over every device, 2 on the model axis).
 - `per_replica_batch(global_batch, strategy)`: recipes give the global batch; this splits it.
 - `keras_fixes()`: works around keras-team/keras#20329 and tensorflow/tensorflow#72388 so that
   `fit` runs under MultiWorkerMirroredStrategy; switches itself off once Keras is fixed.

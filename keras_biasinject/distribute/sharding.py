@@ -30,6 +30,11 @@ class AdapterModelParallel(keras.distribution.ModelParallel):
     and where an axis that does not divide over its mesh axis stays whole instead of failing (e.g.
     SmolLM2's 9 attention heads over 2 devices, which KerasHub's Llama map would split)."""
 
+    @property
+    def num_replicas_in_sync(self):
+        """The size of the data axis: how many parts each global batch is split into (as tf.distribute names it)."""
+        return dict(zip(self.device_mesh.axis_names, self.device_mesh.shape))[self.batch_dim_name]
+
     def get_variable_layout(self, variable):
         if getattr(variable, "_layout", None) is None and self._layout_map[variable.path] is None:
             derived = self._adapter_layout(variable)

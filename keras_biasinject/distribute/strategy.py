@@ -4,6 +4,10 @@
     "mirrored"      every local GPU (else every logical CPU device), one process: MirroredStrategy
     "multi-worker"  one process per machine, cluster from $TF_CONFIG: MultiWorkerMirroredStrategy()
     "tpu"           a Cloud TPU (name or grpc:// address from $TPU_NAME, default "local"): TPUStrategy
+    "model-parallel" JAX backend only: keras.distribution.ModelParallel over every device as a
+                    (batch, model) mesh, 2 devices on the model axis (1 for an odd count), the rest on
+                    the data axis; weights sharded by KerasHub's transformer layout (distribute/sharding.py).
+                    CPU hosts: XLA_FLAGS=--xla_force_host_platform_device_count=4 gives a 2 x 2 mesh.
 
 The model, `inject` and the optimizer must all be created inside `strategy.scope()` (the recipe
 does this). Batch sizes in recipes are GLOBAL: `batch_size = 16` on 2 workers x 2 GPUs means 4
@@ -17,7 +21,7 @@ import os
 
 import tensorflow as tf
 
-STRATEGIES = ("default", "mirrored", "multi-worker", "tpu")
+STRATEGIES = ("default", "mirrored", "multi-worker", "tpu", "model-parallel")
 TF_CONFIG_EXAMPLE = (
     'TF_CONFIG=\'{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}\''
 )
@@ -55,11 +59,14 @@ def read_tf_config():
 
 def make_strategy(name="default", tpu=None):
     """The strategy called `name` (one of STRATEGIES). `tpu`: TPU name or address for "tpu"
-    (default: $TPU_NAME, else "local", a TPU VM's own chips)."""
+    (default: $TPU_NAME, else "local", a TPU VM's own chips). "model-parallel" returns a
+    `keras.distribution.ModelParallel` (JAX only) with the same `scope()` and `num_replicas_in_sync`."""
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}. Got strategy={name!r}.")
     if name == "default":
         return tf.distribute.get_strategy()
+    if name == "model-parallel":
+        return model_parallel_strategy()
     if name == "mirrored":
         # Every GPU; without GPUs, every logical CPU device (tf.config.set_logical_device_configuration).
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
@@ -78,6 +85,25 @@ def make_strategy(name="default", tpu=None):
             "(tpu='local'), or give the TPU's name or grpc://host:8470 address with TPU_NAME=..."
         ) from None
     return tf.distribute.TPUStrategy(resolver)
+
+
+def model_parallel_strategy():
+    """strategy="model-parallel": a `ModelParallel` over every device, 2 of them on the model axis."""
+    import keras  # noqa: PLC0415 - only this strategy needs the Keras backend
+
+    if keras.backend.backend() != "jax":
+        raise ValueError(
+            f"strategy='model-parallel' (kbi finetune --strategy model-parallel) shards with keras.distribution, which "
+            f"only the JAX backend implements; the Keras backend is {keras.backend.backend()!r}, where every weight would "
+            "silently stay whole on one device. Run with KERAS_BACKEND=jax (on CPU hosts also "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=4), or replicate with --strategy mirrored on TensorFlow."
+        )
+    from keras_hub.models import LlamaBackbone  # noqa: PLC0415 - its layout map names KerasHub's transformer weights
+
+    from keras_biasinject.distribute.sharding import model_parallel  # noqa: PLC0415
+
+    devices = keras.distribution.list_devices()
+    return model_parallel(LlamaBackbone, model_devices=2 if len(devices) % 2 == 0 else 1, devices=devices)
 
 
 def is_chief(strategy):

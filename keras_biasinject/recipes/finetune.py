@@ -10,6 +10,7 @@ a NaN or inf loss or weight stops and raises `TrainingDiverged` (recipes/diverge
 is written.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -115,11 +116,25 @@ def run_method(recipe, method, run_dir, verbose=1, strategy=None, backup_dir=Non
     `backup_dir`: with `[train] save_freq = N`, where the step-level backup goes (default
     `run_dir/backup/<method>`); under multi-worker one folder all workers read, the chief writes.
 
-    `strategy`: a tf.distribute strategy (see keras_biasinject.distribute.make_strategy); the model,
-    its adapters and the optimizer are made in its scope. `recipe.train.batch_size` is the global
+    `strategy`: a tf.distribute strategy or, on JAX, a keras.distribution (see
+    keras_biasinject.distribute.make_strategy); the model, its adapters and the optimizer are made in
+    its scope. `recipe.train.batch_size` is the global
     batch, split evenly over the strategy's replicas."""
     strategy = strategy or tf.distribute.get_strategy()
     per_replica_batch(recipe.train.batch_size, strategy)  # raises unless it divides evenly
+    with _distribution_scope(strategy):
+        return _run_method(recipe, method, run_dir, verbose, strategy, backup_dir)
+
+
+def _distribution_scope(strategy):
+    """A keras.distribution (--strategy model-parallel, JAX) stays current through fit and evaluation too,
+    where the trainer reads it to shard each batch over the data axis; for tf.distribute, nothing."""
+    if isinstance(strategy, (keras.distribution.DataParallel, keras.distribution.ModelParallel)):
+        return strategy.scope()
+    return contextlib.nullcontext()
+
+
+def _run_method(recipe, method, run_dir, verbose, strategy, backup_dir):
     keras.utils.set_random_seed(recipe.train.seed)
     model = _prepared_model(recipe, method, strategy)
     injected = isinstance(model, InjectedModel)
@@ -191,9 +206,10 @@ def _keep_outputs(recipe, method, model, run_dir, report):
 def finetune(recipe, out_dir, verbose=1, strategy="default"):
     """Runs every method of `recipe` into `out_dir`; returns the report dict (also `report.json`).
 
-    `strategy`: "default", "mirrored", "multi-worker" (cluster from $TF_CONFIG) or "tpu"; or a
-    tf.distribute strategy. Under multi-worker every worker runs this same call; worker 0 writes
-    `out_dir`, the others `out_dir/worker-N` (their copies of the same results)."""
+    `strategy`: "default", "mirrored", "multi-worker" (cluster from $TF_CONFIG), "tpu" or, on the JAX
+    backend, "model-parallel"; or a tf.distribute strategy or a keras.distribution. Under multi-worker
+    every worker runs this same call; worker 0 writes `out_dir`, the others `out_dir/worker-N` (their
+    copies of the same results)."""
     refuse_silent_distribution("finetune")  # before anything is written
     strategy = make_strategy(strategy) if isinstance(strategy, str) else strategy
     run_dir = Path(out_dir)

@@ -11,7 +11,7 @@ from keras_biasinject.distribute import workarounds
 
 def test_default_is_the_current_strategy_and_unknown_names_are_refused():
     assert make_strategy("default") is tf.distribute.get_strategy()
-    with pytest.raises(ValueError, match=r"strategy must be one of \['default', 'mirrored', 'multi-worker', 'tpu'\]. Got strategy='gpu'"):
+    with pytest.raises(ValueError, match=r"strategy must be one of \['default', 'mirrored', 'multi-worker', 'tpu', 'model-parallel'\]. Got strategy='gpu'"):
         make_strategy("gpu")
 
 
