@@ -5,8 +5,10 @@ object to a subclass made once per class, `Injected<Class>`, which adds:
 
 - `call`: takes `control` from the inputs dict (or the enclosing `control_scope`) and runs the
   original graph inside `control_scope(control)`, so the adapters spliced into the blocks read it;
-- `generate(..., control=...)` for `CausalLM`s: the control travels with the preprocessed inputs into
-  the compiled generation loop, which calls the blocks through `call_with_cache`;
+- `generate(..., control=...)` for `CausalLM`s: the control travels in a thread-local slot to the
+  generate function, which adds it to the preprocessed inputs of the compiled generation loop (that
+  calls the blocks through `call_with_cache`); no shared object is modified, so threads generating
+  with different controls on one model do not interfere;
 - `get_config`/`from_config`: the base model's own config plus the `InjectionConfig`. Loading
   rebuilds the base from its config and redoes the splice, so `keras.models.load_model` restores
   the same layer tree and loads every weight by path;
@@ -20,7 +22,9 @@ object to a subclass made once per class, `Injected<Class>`, which adds:
   checks the trainable weights after training and raises if any became NaN or inf.
 """
 
+import contextlib
 import math
+import threading
 
 import keras
 import keras_hub
@@ -115,14 +119,34 @@ class InjectedModel:
         return vectors[0] if isinstance(control, str) else vectors
 
     def __call__(self, inputs, *args, **kwargs):
+        if isinstance(inputs, dict) and "control" in inputs and inputs["control"] is None:
+            inputs = {k: v for k, v in inputs.items() if k != "control"}  # an optional input left empty: neutral
         if isinstance(inputs, dict) and _is_names(inputs.get("control")):  # names -> vectors, before tracing
             inputs = {**inputs, "control": self.resolve_control(inputs["control"])}
         _check_data_control(inputs, "call")
+        if isinstance(inputs, dict) and inputs.get("control") is not None:
+            self._check_control_rank(inputs["control"], "call: inputs['control']")
         if isinstance(inputs, dict) and isinstance(inputs.get("control"), (np.ndarray, list, tuple, float, int)):
             # Keras refuses a dict that mixes tensors (from a preprocessor) with arrays: match them.
             if any(keras.ops.is_tensor(v) for k, v in inputs.items() if k != "control"):
                 inputs = {**inputs, "control": keras.ops.convert_to_tensor(inputs["control"], "float32")}
         return super().__call__(inputs, *args, **kwargs)
+
+    def _check_control_rank(self, control, where):
+        """An encoder-decoder takes one control per example: its two sequences differ in length, so a
+        per-token control `[batch, seq, control_dim]` could not say which tokens it means."""
+        structure = super().input
+        if not (isinstance(structure, dict) and any(name.startswith("encoder_") for name in structure)):
+            return
+        rank = len(control.shape) if hasattr(control, "shape") else np.ndim(control)
+        if rank > 2:
+            shape = tuple(control.shape) if hasattr(control, "shape") else np.shape(control)
+            raise ValueError(
+                f"{where} has shape {shape}, but {type(self).__name__} is an encoder-decoder: it takes one control per "
+                f"example, [batch, control_dim] (or [control_dim] for all), which reaches the encoder and the decoder. "
+                "Its encoder and decoder sequences differ in length, so a per-token control is ambiguous: pass one "
+                "row per example (e.g. control.mean(axis=1))."
+            )
 
     def call(self, inputs, *args, **kwargs):
         inputs, control = _split_control(inputs, self)
@@ -217,8 +241,44 @@ class InjectedModel:
             feedback_lib.add_feedback_head(model, keras.saving.deserialize_keras_object(config["feedback_head"]))
         return model
 
+    @property
+    def control_input(self):
+        """The `control` input as Keras sees it: `keras.Input((control_dim,), name="control", optional=True)`.
+
+        Absent (None) means the neutral control. A per-token control `[batch, seq, control_dim]` is accepted
+        by `call` too; Keras' own `export` serves the per-example shape (`kbi export` serves both)."""
+        tensor = self.__dict__.get("_kbi_control_input")
+        if tensor is None:
+            tensor = keras.Input((self.injection.config.control_dim,), name="control", dtype="float32", optional=True)
+            self.__dict__["_kbi_control_input"] = tensor  # a plain attribute: Keras does not track it
+        return tensor
+
+    @property
+    def input(self):
+        """The base model's inputs dict plus `control` (see `control_input`)."""
+        inputs = super().input
+        return {**inputs, "control": self.control_input} if isinstance(inputs, dict) else inputs
+
+    @property
+    def inputs(self):
+        """The base model's inputs plus `control`, last (Keras runs the graph on the first ones)."""
+        inputs = super().inputs
+        return list(inputs) + [self.control_input] if isinstance(super().input, dict) else inputs
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Keras' `Model.export` with `control` in the served signature (`[batch, control_dim]` float32).
+
+        The export has to be given a control on every request (a TensorFlow signature has no optional
+        inputs); send the neutral control for the base model's answers. For per-token controls, several
+        signatures and named controls, use `keras_biasinject.export_saved_model` (`kbi export`)."""
+        if input_signature is None and isinstance(super().input, dict):
+            input_signature = [{**super().input, "control": self.control_input}]
+        return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+
     def summary(self, *args, **kwargs):
         print(self.injection)
+        print(f"  control input: {tuple(self.control_input.shape)} float32, optional (absent: the neutral control "
+              f"{self.injection.config.neutral}); per token: (None, None, {self.injection.config.control_dim})")
         return super().summary(*args, **kwargs)
 
 
@@ -256,24 +316,13 @@ class InjectedCausalLM(InjectedModel):
     def _generate(self, inputs, max_length, stop_token_ids, strip_prompt, control):
         control = self.resolve_control(control)
         check_finite_control(control, "generate")
-        if control is None or self.preprocessor is None:
-            if control is not None:  # no preprocessor: inputs are token dicts; carry the control in them
-                inputs = {**inputs, "control": control}
-            return super().generate(inputs, max_length=max_length, stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
-        preprocess = self.preprocessor.generate_preprocess
-
-        def preprocess_with_control(x, sequence_length=None):
-            x = preprocess(x, sequence_length=sequence_length)
-            batch = ops.shape(x["token_ids"])[:-1]
-            c = ops.convert_to_tensor(control, "float32")
-            x["control"] = ops.broadcast_to(c, tuple(batch) + (c.shape[-1],)) if len(c.shape) == 1 else c
-            return x
-
-        self.preprocessor.generate_preprocess = preprocess_with_control
-        try:
-            return super().generate(inputs, max_length=max_length, stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
-        finally:
-            del self.preprocessor.generate_preprocess  # back to the class method
+        if control is not None:
+            self._check_control_rank(control, "generate: control")
+        # The control travels in a thread-local slot that the generate function below reads, so that
+        # threads generating with different controls on one model never share or swap anything.
+        with _generation_control(control):
+            extra = {"strip_prompt": True} if strip_prompt else {}  # Phi3CausalLM.generate has no strip_prompt
+            return super().generate(inputs, max_length=max_length, stop_token_ids=stop_token_ids, **extra)
 
     def generate_step(self, inputs, stop_token_ids=None):
         inputs, control = _split_control(inputs)
@@ -283,7 +332,32 @@ class InjectedCausalLM(InjectedModel):
             return feedback_lib.generate_step_with_feedback(self, inputs, stop_token_ids=stop_token_ids)
 
     def make_generate_function(self):
-        return feedback_lib.keep_feedback(super().make_generate_function())
+        compiled = feedback_lib.keep_feedback(super().make_generate_function())
+
+        def generate_function(inputs, stop_token_ids=None):
+            control = getattr(_generating, "control", None)
+            if control is not None:  # `control=` wins over a "control" in token-id inputs
+                c = ops.convert_to_tensor(control, "float32")
+                if len(c.shape) == 1:  # one control for every prompt: [batch, control_dim]
+                    batch = ops.shape(next(iter(inputs.values())))[0]
+                    c = ops.broadcast_to(c, (batch, c.shape[-1]))
+                inputs = {**inputs, "control": c}
+            return compiled(inputs, stop_token_ids=stop_token_ids)
+
+        return generate_function
+
+
+_generating = threading.local()  # .control: the control of the `generate` call running in this thread
+
+
+@contextlib.contextmanager
+def _generation_control(control):
+    previous = getattr(_generating, "control", None)
+    _generating.control = control
+    try:
+        yield
+    finally:
+        _generating.control = previous
 
 
 def injected_class(base_class):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from keras_biasinject import BiasInjectDense, InjectionConfig, LoRABiasAdapter, inject
-from tests.rewrite.tiny_models import BATCH, SEQ, controls, gpt2, out, snapshot, state_of, tokens, train
+from tests.rewrite.tiny_models import BATCH, SEQ, VOCAB, controls, gpt2, out, snapshot, state_of, tokens, train
 
 def test_backbone_keeps_its_class_and_output_exactly():
     backbone = gpt2()
@@ -219,3 +219,103 @@ def test_add_control_refuses_integers_beyond_the_float_range(injected_lm):
     with pytest.raises(ValueError, match="control 'huge' must be finite numbers"):
         model.add_control("huge", [10**400])
     assert model.named_controls == before
+
+
+def test_threads_generating_with_different_controls_each_get_their_own_answer():
+    """Four threads share one model; each gets exactly the single-threaded answer for its control, and no
+    attribute of the model or its preprocessor is replaced while they run."""
+    import threading
+
+    vocabulary = {"<|endoftext|>": 0, "a": 1, "b": 2, "c": 3, "Ġ": 4, "ab": 5, "Ġab": 6, "?": 7, "Ġc": 8}
+    vocabulary.update({f"w{i}": i for i in range(9, 64)})  # every id the tiny model can generate detokenizes
+    tokenizer = keras_hub.tokenizers.GPT2Tokenizer(vocabulary=vocabulary, merges=["a b", "Ġ ab", "Ġ c"])
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(tokenizer, sequence_length=SEQ)
+    lm = inject(keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=preprocessor), rank=4, gate="control")
+    rng = np.random.default_rng(0)
+    for w in lm.trainable_weights:  # a strong adapter, so that each control generates something else
+        w.assign(rng.normal(size=w.shape).astype("float32"))
+    lm.compile(sampler="greedy")
+    prompts = ["ab c", "c ab ?"]
+    levels = [-3.0, -1.0, 1.0, 3.0]
+    alone = {level: lm.generate(prompts, control=[level], max_length=SEQ, stop_token_ids=None) for level in levels}
+    assert len({tuple(answer) for answer in alone.values()}) > 1  # the controls do generate different texts
+    watched = [lm, lm.preprocessor, lm.preprocessor.tokenizer]
+    before = [dict(vars(obj)) for obj in watched]
+    results, swapped, done = {level: [] for level in levels}, [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for obj, attrs in zip(watched, before):
+                now = vars(obj)
+                swapped.extend(k for k in set(now) | set(attrs) if now.get(k, None) is not attrs.get(k, None))
+
+    def work(level):
+        for _ in range(3):
+            results[level].append(lm.generate(prompts, control=[level], max_length=SEQ, stop_token_ids=None))
+
+    watcher = threading.Thread(target=watch)
+    workers = [threading.Thread(target=work, args=(level,)) for level in levels]
+    watcher.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    done.set()
+    watcher.join()
+    assert not swapped, f"attributes replaced during concurrent generate: {sorted(set(swapped))}"
+    for level in levels:
+        assert results[level] == [alone[level]] * 3, level
+
+
+def test_the_control_is_a_keras_input_that_composition_and_fit_see(capsys):
+    lm = inject(keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None), rank=2, control_dim=2)
+    for model in (lm, lm.backbone):
+        assert [t.name for t in model.inputs][-1] == "control" and sorted(model.input) == ["control", "padding_mask", "token_ids"]
+        assert tuple(model.input["control"].shape) == (None, 2) and model.input["control"].dtype == "float32"
+    rng = np.random.default_rng(0)
+    for w in lm.trainable_weights:
+        w.assign(rng.normal(size=w.shape).astype("float32"))
+    outer = keras.Model(lm.input, keras.layers.Softmax()(lm(lm.input)))  # functional composition over the control
+    assert "control" in outer.input
+    x, c = tokens(), rng.normal(size=(BATCH, 2)).astype("float32")
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(lm({**x, "control": c})))
+    assert np.array_equal(out(outer, {**x, "control": c}), expected)
+    assert np.array_equal(out(outer, {**x, "control": None}), keras.ops.convert_to_numpy(keras.ops.softmax(lm(x))))
+    outer.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    before = snapshot(lm)
+    outer.fit({**x, "control": c}, x["token_ids"], epochs=1, verbose=0)  # fit with a dict, through the composition
+    changed = [p for p, v in snapshot(lm).items() if not np.array_equal(v, before[p])]
+    assert changed and all(p.rsplit("/", 1)[-1] in ("lora_a", "lora_b", "control_gain", "control_kernel") for p in changed)
+    lm.summary()
+    assert "control input: (None, 2) float32, optional" in capsys.readouterr().out
+
+
+def test_an_encoder_decoder_takes_one_control_per_example_that_reaches_both_stacks():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BartBackbone(vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
+                                             intermediate_dim=32, max_sequence_length=SEQ)
+    rng = np.random.default_rng(0)
+    x = {"encoder_token_ids": rng.integers(1, VOCAB, (BATCH, SEQ)), "encoder_padding_mask": np.ones((BATCH, SEQ), "int32"),
+         "decoder_token_ids": rng.integers(1, VOCAB, (BATCH, 5)), "decoder_padding_mask": np.ones((BATCH, 5), "int32")}
+    base = {k: keras.ops.convert_to_numpy(v) for k, v in backbone(x).items()}
+    model = inject(backbone, targets="attention", rank=2, control_dim=2)
+    paths = model.injection.paths
+    assert {p.split("/")[0].rsplit("_", 1)[0] for p in paths} == {"transformer_encoder_layer", "transformer_decoder_layer"}
+    assert sum("/cross_attention/" in p for p in paths) == 8  # q, k, v, output of the decoder's cross-attention, 2 blocks
+    c = rng.normal(size=(BATCH, 2)).astype("float32")
+    at_insertion = model({**x, "control": c})
+    for name, value in base.items():
+        assert np.array_equal(keras.ops.convert_to_numpy(at_insertion[name]), value), name
+    for w in model.trainable_weights:
+        w.assign(rng.normal(size=w.shape).astype("float32"))
+    steered = model({**x, "control": c})
+    for name, value in base.items():  # the control reaches the encoder and the decoder
+        assert not np.allclose(keras.ops.convert_to_numpy(steered[name]), value, atol=1e-3), name
+    before = state_of(model)
+    per_token = rng.normal(size=(BATCH, SEQ, 2)).astype("float32")
+    with pytest.raises(ValueError, match=r"call: inputs\['control'\] has shape \(3, 8, 2\), but InjectedBartBackbone is an "
+                                         r"encoder-decoder: it takes one control per example, \[batch, control_dim\]"):
+        model({**x, "control": per_token})
+    after = state_of(model)
+    assert after[0] is before[0] and after[2:] == before[2:]
+    assert all(np.array_equal(after[1][p], v) for p, v in before[1].items())
