@@ -244,18 +244,31 @@ max_length = 12
 """
 
 
-@pytest.mark.slow
-def test_lm_recipe_steers_and_its_neutral_control_is_the_base(classify_run, tmp_path):
+LOOP = STEER.replace('methods = ["base", "bias_injection"]', 'methods = ["base", "bias_injection", "feedback_head"]') + """
+[feedback]
+control_jitter = 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def lm_run(classify_run, tmp_path_factory):
+    """One finished SmolLM2 run that both steers and trains a feedback head (each costs minutes to start)."""
     judge, result = classify_run
     assert result.returncode == 0, result.stderr[-3000:]
-    recipe = tmp_path / "steer.toml"
-    recipe.write_text(STEER.format(judge=judge))
+    tmp_path = tmp_path_factory.mktemp("lm")
+    recipe = tmp_path / "loop.toml"
+    recipe.write_text(LOOP.format(judge=judge))
     run = tmp_path / "run"
-    result = kbi("finetune", str(recipe), "--out", str(run))
+    return run, kbi("finetune", str(recipe), "--out", str(run), timeout=1500)
+
+
+@pytest.mark.slow
+def test_lm_recipe_steers_and_its_neutral_control_is_the_base(lm_run):
+    run, result = lm_run
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     rows = {row["method"]: row for row in report["results"]}
-    assert set(rows) == {"base", "bias_injection"} and rows["base"]["metric"] == "perplexity"
+    assert {"base", "bias_injection"} <= set(rows) and rows["base"]["metric"] == "perplexity"
     assert rows["base"]["seconds"] < 60 and 1.0 < rows["base"]["value"] < 1e4  # zero-shot: no training
     assert rows["bias_injection"]["base_weights_unchanged"] is True
     steering = report["steering"]
@@ -265,18 +278,9 @@ def test_lm_recipe_steers_and_its_neutral_control_is_the_base(classify_run, tmp_
     assert (run / "steering.png").stat().st_size > 1000
 
 
-LOOP = STEER.split("[steer]")[0].replace('methods = ["base", "bias_injection"]', 'methods = ["bias_injection", "feedback_head"]') + """
-[feedback]
-control_jitter = 1.0
-"""
-
-
 @pytest.mark.slow
-def test_loop_recipe_trains_a_head_and_kbi_loop_runs_a_session(tmp_path):
-    recipe = tmp_path / "loop.toml"
-    recipe.write_text(LOOP.format())
-    run = tmp_path / "run"
-    result = kbi("finetune", str(recipe), "--out", str(run))
+def test_loop_recipe_trains_a_head_and_kbi_loop_runs_a_session(lm_run, tmp_path):
+    run, result = lm_run
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["method"]: row for row in json.loads((run / "report.json").read_text())["results"]}
     heads = [m for m in rows if m.startswith("feedback_head")]
