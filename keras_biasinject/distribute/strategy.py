@@ -103,7 +103,13 @@ def model_parallel_strategy():
     from keras_biasinject.distribute.sharding import model_parallel  # noqa: PLC0415
 
     devices = keras.distribution.list_devices()
-    return model_parallel(LlamaBackbone, model_devices=2 if len(devices) % 2 == 0 else 1, devices=devices)
+    if len(devices) % 2:
+        raise ValueError(
+            f"strategy='model-parallel' shards each weight over 2 devices of a (batch, model) mesh, but JAX sees "
+            f"{len(devices)} device(s). Use an even number (on CPU hosts: XLA_FLAGS=--xla_force_host_platform_device_count=4), "
+            "or --strategy default on one device."
+        )
+    return model_parallel(LlamaBackbone, model_devices=2, devices=devices)
 
 
 def is_chief(strategy):

@@ -130,6 +130,12 @@ class ControlAdapter(keras.layers.Layer):
                     f"not batch x seq = {centred.shape[0] * centred.shape[1]}. Pass one control per example, [batch, {self.control_dim}]."
                 )
             return ops.reshape(centred, (-1, self.control_dim))
+        rows, batch = y.shape[0], centred.shape[0]
+        if None not in (rows, batch) and rows % batch:
+            raise ValueError(
+                f"{self.path}: control has shape {tuple(centred.shape)} (per example), but this layer sees {rows} rows, "
+                f"which is not a whole number of tokens per example. Pass a control with one row per example of the input."
+            )
         return ops.repeat(centred, ops.shape(y)[0] // ops.shape(centred)[0], axis=0)
 
     def control_bias(self, centred, y):

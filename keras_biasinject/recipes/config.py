@@ -165,6 +165,12 @@ class Recipe:
                 f"recipe: [train] methods must be distinct names from {list(METHODS)}. Got methods={methods!r}."
             )
         self.train.methods = methods
+        if "keras_lora" in methods and (self.inject.blocks is not None or self.inject.exclude is not None):
+            raise ValueError(
+                "recipe: method 'keras_lora' (KerasHub's enable_lora) adapts every layer of a chosen name in every block, "
+                f"so it cannot follow [inject] blocks={self.inject.blocks!r} or exclude={self.inject.exclude!r}: the comparison "
+                "would be on other layers. Remove blocks/exclude, or drop 'keras_lora' from [train] methods."
+            )
         self._check_feedback(methods)
         self._check_numbers()
         self._check_steer()

@@ -28,7 +28,8 @@ def prepare_full(model, recipe):
 
 def prepare_keras_lora(model, recipe):
     """KerasHub's built-in LoRA at the recipe's rank, on the layers that the recipe's targets select
-    (by their names: `enable_lora` matches layer names, so same-named layers elsewhere adapt too)."""
+    (by their names: `enable_lora` matches layer names, so same-named layers elsewhere adapt too; the
+    recipe refuses blocks/exclude with keras_lora, see Recipe)."""
     names = sorted({target.layer.name for target in find_targets(model.backbone, recipe.inject)})
     model.backbone.enable_lora(recipe.inject.rank, target_layer_names=names)
     return model

@@ -376,11 +376,15 @@ def _renumbered(variables, arrays):
     `_check_fit` then checks every shape."""
     if set(variables) == set(arrays):
         return arrays
-    pattern = lambda p: re.sub(r"_\d+(/|$)", r"\1", p)  # noqa: E731
-    ours, theirs = [pattern(p) for p in variables], [pattern(p) for p in arrays]
+    ours, theirs = [_unnumbered(p) for p in variables], [_unnumbered(p) for p in arrays]
     if ours != theirs:
         return arrays
     return {mine: arrays[saved] for mine, saved in zip(variables, arrays)}
+
+
+def _unnumbered(path):
+    """`path` without the `_<number>` ending of each segment."""
+    return re.sub(r"_\d+(/|$)", r"\1", path)
 
 
 def _check_fit(variables, arrays, config, path):

@@ -105,8 +105,9 @@ def inject(model, config=None, **fields):
     """Splices control adapters into a KerasHub backbone or task, in place, and returns it.
 
     The returned model is of the same class (`isinstance(model, GPT2Backbone)` still holds) with a
-    new `control` input (`[batch, control_dim]` or `[batch, seq, control_dim]`) in its inputs dict;
-    without one it behaves as at the neutral control. At insertion the output is unchanged bit for
+    new `control` input (`[batch, control_dim]` or `[batch, seq, control_dim]`; encoder-decoders take
+    per-example controls only) in its inputs dict and in `model.inputs`; without one it behaves as at
+    the neutral control. At insertion the output is unchanged bit for
     bit; base weights are frozen. Every check runs before anything changes: on error the model is
     exactly as it was.
 

@@ -76,7 +76,8 @@ def blocks_of(backbone):
             if owner is not None and all(isinstance(blocks, (list, tuple)) and blocks for blocks in lists):
                 return [block for blocks in lists for block in _flat(blocks)]
     raise ValueError(
-        f"inject: {type(backbone).__name__} has no `transformer_layers`; inject supports KerasHub text backbones "
+        f"inject: {type(backbone).__name__} has no `transformer_layers` (nor encoder and decoder block lists: "
+        f"{', '.join(' + '.join(names) for names in BLOCK_LISTS[1:])}); inject supports KerasHub text backbones "
         "built from transformer blocks (GPT2, BERT, Llama, Gemma, Qwen, Mistral, Phi3, OPT, ...) and encoder-decoders "
         "(BART, T5, ...)."
     )
@@ -143,8 +144,8 @@ def _held(blocks):
     return "; ".join(parts) if parts else "no Dense/EinsumDense layer"
 
 
-def _preset_ids(backbone, blocks, preset, required=True):
-    """ids of the projections `preset` means in `blocks`; raises if the family cannot express it."""
+def _preset_ids(backbone, blocks, preset, required=True, argument="targets"):
+    """ids of the projections `preset` means in `blocks`; raises (naming `argument`) if the family cannot express it."""
     if preset == "query_value":
         names = _lora_names(backbone)
         ids = {id(layer) for block in blocks for layer in _projections(block) if layer.name in names}
@@ -161,7 +162,7 @@ def _preset_ids(backbone, blocks, preset, required=True):
         }[preset]
         others = [p for p in ("attention", "mlp", "all-linear") if p != preset and _preset_ids(backbone, blocks, p, required=False)]
         raise ValueError(
-            f"inject: targets={preset!r} {what}. They hold {_held(blocks)}. "
+            f"inject: {argument}={preset!r} {what}. They hold {_held(blocks)}. "
             f"Use {' or '.join(repr(p) for p in others) + ', or ' if others else ''}a list of path suffixes or a regex."
         )
     return ids
@@ -254,7 +255,7 @@ def find_layers(model, pattern):
     means the projections it names in the backbone's blocks."""
     if isinstance(pattern, str) and pattern in PRESETS:
         backbone = backbone_of(model)
-        ids = _preset_ids(backbone, blocks_of(backbone), pattern)
+        ids = _preset_ids(backbone, blocks_of(backbone), pattern, argument="trainable")
         return [layer for layer in model._flatten_layers(include_self=False, recursive=True) if id(layer) in ids]
     found = [layer for layer in model._flatten_layers(include_self=False, recursive=True) if _matches(layer.path, pattern)]
     if pattern and not found:

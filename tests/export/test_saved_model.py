@@ -118,6 +118,7 @@ def test_keras_own_export_serves_the_control(lm, tmp_path):
     x = {"token_ids": rng.integers(1, VOCAB, (2, 6)), "padding_mask": np.ones((2, 6), "int32")}
     c = rng.normal(size=(2, 2)).astype("float32")
     (got,) = run_tf_only(tmp_path, path, [["serving_default", request(x, control=(c * 3, "float32"))]])
+    # 1e-5: the export's graph (TensorFlow, no Keras) sums float32 logits in another order than the eager model.
     np.testing.assert_allclose(got["output_0"], out(lm, {**x, "control": c * 3}), rtol=1e-5, atol=1e-5)
     assert not np.allclose(got["output_0"], out(lm, x), atol=1e-3)  # the served control steers
     shown = subprocess.run([SAVED_MODEL_CLI, "show", "--dir", path, "--tag_set", "serve", "--signature_def", "serving_default"],

@@ -115,3 +115,5 @@ def test_tokens_flattened_to_rows_take_their_examples_controls(kind):
         np.testing.assert_allclose(numpy(adapter(flat, control=c)), expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"control has shape \(2, 4, 2\) \(per token\), but this layer sees 10 rows, not batch x seq = 8"):
         adapter(flat, control=rng.normal(size=(2, 4, 2)).astype("float32"))
+    with pytest.raises(ValueError, match=r"control has shape \(3, 2\) \(per example\), but this layer sees 10 rows, which is not"):
+        adapter(flat, control=rng.normal(size=(3, 2)).astype("float32"))

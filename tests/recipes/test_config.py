@@ -78,6 +78,9 @@ def test_overrides_and_round_trip(tmp_path):
         (LM + 'methods = ["bias_injection", "feedback_head"]\n[feedback]\npooling = "max"\n', r"\[feedback\] pooling must be .* Got pooling='max'"),
         (LM + 'methods = ["bias_injection", "feedback_head"]\n[feedback]\ncontrol_jitter = -1\n', r"control_jitter must be a finite number >= 0. Got control_jitter=-1"),
         (LM + '[feedback]\nheads = 2\n', r"unknown key\(s\) \['heads'\] in \[feedback\]"),
+        (GOOD + 'methods = ["keras_lora", "bias_injection"]\n[inject]\nblocks = [-1]\n',
+         r"method 'keras_lora' \(KerasHub's enable_lora\) adapts every layer of a chosen name in every block, so it cannot "
+         r"follow \[inject\] blocks=\[-1\] or exclude=None"),
         ("task = [", r"is not valid TOML"),
     ],
 )
@@ -180,6 +183,7 @@ def test_a_toml_integer_too_long_to_read_names_the_file(tmp_path):
 
 def test_numpy_integers_are_accepted_where_ints_are(tmp_path):
     recipe = load_recipe(write(tmp_path, GOOD), [("train.epochs", np.int64(2)), ("inject.rank", np.int64(2)),
-                                                 ("inject.blocks", [np.int64(0)]), ("steer.samples", np.int32(3))])
+                                                 ("inject.blocks", [np.int64(0)]), ("steer.samples", np.int32(3)),
+                                                 ("train.methods", ["base", "bias_injection"])])  # keras_lora: no blocks
     assert recipe.train.epochs == 2 and recipe.inject.rank == 2 and recipe.inject.blocks == [0]
     assert json.loads(json.dumps(recipe.to_dict()))["steer"]["samples"] == 3  # report.json holds it

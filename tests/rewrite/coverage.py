@@ -3,8 +3,9 @@
     python -m tests.rewrite.coverage          # runs test_families.py, rewrites the README section
     python -m tests.rewrite.coverage --check  # exit 1 if the README section differs from a full pass
 
-A backbone is "covered" with the presets whose tests passed (exact at insertion and reaching every
-block) when its family's training, `.keras` round trip and generation test passed too; otherwise the
+A backbone is "covered" with the presets whose tests passed (exact at insertion and reaching each stack
+of blocks; the widest preset, in the family test, every block) when its family's training, `.keras`
+round trip and generation test passed too; otherwise the
 row names the failing tests. Backbones in `UNCOVERED` get their reason.
 """
 
@@ -18,7 +19,7 @@ import xml.etree.ElementTree as ElementTree
 README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 BEGIN, END = "<!-- coverage-table -->", "<!-- /coverage-table -->"
 TEST_FILE = "tests/rewrite/test_families.py"
-PRESET_TEST = "test_preset_is_exact_at_insertion_and_reaches_every_block"
+PRESET_TEST = "test_preset_is_exact_at_insertion_and_reaches_each_stack"
 FAMILY_TEST = "test_family_trains_only_adapters_round_trips_and_generates"
 REFUSAL_TEST = "test_preset_the_family_cannot_express_is_refused_and_the_model_left_unchanged"
 

@@ -1,8 +1,9 @@
-"""Every covered KerasHub family (`TINY`): each preset exact at insertion and reaching every block;
+"""Every covered KerasHub family (`TINY`): each preset exact at insertion and reaching each stack of blocks (the widest, every block);
 trained with the base bit-identical; a `.keras` round trip; steered generation. The README's coverage
 table is generated from these tests (`python -m tests.rewrite.coverage`) and checked here."""
 
 import functools
+import re
 
 import keras
 import keras_hub
@@ -11,6 +12,7 @@ import pytest
 
 from keras_biasinject import inject
 from keras_biasinject.rewrite.config import PRESETS
+from keras_biasinject.rewrite.kerashub import backbone_of
 from tests.rewrite import coverage
 from tests.rewrite.tiny_models import TINY, UNCOVERED, build_family, family_inputs, state_of, takes_per_token, widest
 
@@ -34,10 +36,6 @@ def same(a, b):
 def base_output(family):
     """The base model's output on `family_inputs(family)`: one build per family, shared by its tests."""
     return numpy(build_family(family)(family_inputs(family)))
-
-
-def backbone_of(model):
-    return model if isinstance(model, keras_hub.models.Backbone) else model.backbone
 
 
 def stacks_of(backbone):
@@ -80,12 +78,13 @@ def check_exact_at_insertion(family, model, every_block):
         try:
             assert same(numpy(model({**x, "control": per_token})), expected)
         except ValueError as error:
-            assert "(per token), but this layer is called on 16 positions" in str(error), error
+            buckets = 2 * TINY[family].kwargs["bucket_size"]  # DeBERTa's relative positions
+            assert f"(per token), but this layer is called on {buckets} positions" in str(error), error
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,preset", [(f, p) for f, p in PAIRS if p != widest(f)])
-def test_preset_is_exact_at_insertion_and_reaches_every_block(family, preset):
+def test_preset_is_exact_at_insertion_and_reaches_each_stack(family, preset):
     """The family's widest preset is checked in the family test below, in every block (hybrid models such as
     Qwen3.5 have blocks without query/value projections: here each stack needs one adapted block)."""
     check_exact_at_insertion(family, inject(build_family(family), targets=preset, rank=2, control_dim=DIM), every_block=False)
@@ -95,7 +94,7 @@ def test_preset_is_exact_at_insertion_and_reaches_every_block(family, preset):
 def test_preset_the_family_cannot_express_is_refused_and_the_model_left_unchanged(family, preset):
     model = build_family(family)
     before = state_of(model)
-    with pytest.raises(ValueError, match=rf"targets='{preset}'|inject: layer '"):  # names the preset, or the layer at fault
+    with pytest.raises(ValueError, match=rf"inject: targets='{re.escape(preset)}'"):  # names the preset
         inject(model, targets=preset, rank=2, control_dim=DIM)
     after = state_of(model)
     assert after[0] is before[0] and after[2:] == before[2:]
@@ -196,7 +195,8 @@ def test_a_model_built_through_keras_nlp_is_injected_the_same():
 def test_backbone_without_transformer_blocks_is_refused_with_what_is_supported():
     inputs = keras.Input((4,))
     backbone = keras_hub.models.Backbone(inputs=inputs, outputs=keras.layers.Dense(2, name="query")(inputs))
-    with pytest.raises(ValueError, match="has no `transformer_layers`; inject supports KerasHub text backbones"):
+    with pytest.raises(ValueError, match=r"inject: Backbone has no `transformer_layers` \(nor encoder and decoder block lists: "
+                                         r"encoder_transformer_layers \+ decoder_transformer_layers, .*\); inject supports KerasHub text backbones"):
         inject(backbone)
 
 

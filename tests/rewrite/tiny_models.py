@@ -10,21 +10,12 @@ import keras
 import keras_hub
 import numpy as np
 
-from tests.rewrite.family_spec import Family
+from tests.rewrite.family_spec import (  # noqa: F401  (V, SEGMENTS, ...: other tests import them from here)
+    DECODER, ENCODER, GQA, NO_ATTENTION, NO_MLP, NO_QUERY_VALUE, SEGMENTS, SEQ2SEQ, TOKENS, V, Family,
+)
+from tests.rewrite.tiny_models_more import MORE, UNCOVERED_MORE  # the M..Z families
 
 
-V = 256  # vocabulary
-DECODER = dict(vocabulary_size=V, num_layers=2, hidden_dim=16, intermediate_dim=32)
-GQA = dict(DECODER, num_query_heads=4, num_key_value_heads=2)
-ENCODER = dict(vocabulary_size=V, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=32)
-
-TOKENS = {"token_ids": "tokens", "padding_mask": "mask"}
-SEGMENTS = dict(TOKENS, segment_ids="zeros")
-SEQ2SEQ = {"encoder_token_ids": "tokens", "encoder_padding_mask": "mask", "decoder_token_ids": "tokens", "decoder_padding_mask": "mask"}
-# Presets a family cannot express (inject raises ValueError for them; test_families checks that):
-NO_QUERY_VALUE = ("attention", "mlp", "all-linear")  # q/v named unlike KerasHub's default_lora_layer_names(), or fused qkv
-NO_ATTENTION = ("mlp", "all-linear")  # FNet mixes tokens with a Fourier transform: no attention projections
-NO_MLP = ("query_value", "attention", "all-linear")  # MoE experts are raw weights; only the routers are Dense
 
 TINY = {
     "Albert": Family("AlbertBackbone", dict(ENCODER, embedding_dim=8, num_groups=2), SEGMENTS, "AlbertTextClassifier"),
@@ -86,13 +77,14 @@ UNCOVERED = {
     "FluxBackbone": "image generation (diffusion transformer on latents and text embeddings), no token inputs",
     "HGNetV2Backbone": VISION,
     "Gemma3nBackbone": "KerasHub 0.32's own .keras round trip of Gemma3nCausalLM changes its output (the base model, "
-                       "no injection), so the save/load guarantee cannot hold; inject itself is exact on it at insertion",
+                       "no injection), so the save/load guarantee cannot hold; not tested further",
 }
-
-from tests.rewrite.tiny_models_more import MORE, UNCOVERED_MORE  # noqa: E402  (the M..Z families)
 
 TINY = {**TINY, **MORE}
 UNCOVERED = {**UNCOVERED, **UNCOVERED_MORE}
+
+
+AUDIO_SAMPLES = 1600  # raw audio: Moonshine's convolutions (strides 64, 3, 2) leave 2 frames
 
 
 def build_family(family, seed=0):
@@ -129,6 +121,9 @@ def family_inputs(family, batch=2, seq=8, seed=0):
         "mask": lambda: np.ones((batch, seq), "int32"),
         "zeros": lambda: np.zeros((batch, seq), "int32"),
         "positions": lambda: np.tile(np.arange(seq, dtype="int32"), (batch, 1)),
+        "features": lambda: rng.normal(size=(batch, seq, TINY[family].kwargs.get("num_mels", 8))).astype("float32"),
+        "audio": lambda: rng.normal(size=(batch, AUDIO_SAMPLES, 1)).astype("float32"),
+        "audio_mask": lambda: np.ones((batch, AUDIO_SAMPLES), bool),
     }
     return {name: make[kind]() for name, kind in TINY[family].inputs.items()}
 

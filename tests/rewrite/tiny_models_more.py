@@ -6,12 +6,8 @@ presets it can express (keras_biasinject/rewrite/targets.py says what each prese
 `UNCOVERED_MORE`: backbone class name -> why `inject` is not tested on it.
 """
 
-from tests.rewrite.family_spec import Family
+from tests.rewrite.family_spec import ALL, DECODER, ENCODER, GQA, NO_MLP, NO_QUERY_VALUE, SEGMENTS, SEQ2SEQ, TOKENS, V, Family
 
-V = 256  # vocabulary; the same as tests.rewrite.tiny_models.V (not imported: tiny_models imports this module)
-DECODER = dict(vocabulary_size=V, num_layers=2, hidden_dim=16, intermediate_dim=32)
-GQA = dict(DECODER, num_query_heads=4, num_key_value_heads=2)  # 4 query heads of 4, sharing 2 key/value heads
-ENCODER = dict(vocabulary_size=V, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=32)
 MOE = dict(num_experts=2, top_k=1)  # 2 experts, 1 per token
 LINEAR_ATTENTION = dict(  # Qwen3.5: block 0 is a gated delta-net ("linear_attention"), block 1 full attention
     layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=2,
@@ -31,51 +27,45 @@ T5GEMMA = dict(  # encoder and decoder: 2 blocks each, 4 query heads of 4, 2 key
     decoder_num_key_value_heads=2, decoder_head_dim=4, decoder_layer_types=["sliding_attention", "full_attention"],
 )
 
-TEXT = {"token_ids": "tokens", "padding_mask": "mask"}
-SEGMENTS = {**TEXT, "segment_ids": "zeros"}
-SEQ2SEQ = {"encoder_token_ids": "tokens", "encoder_padding_mask": "mask", "decoder_token_ids": "tokens", "decoder_padding_mask": "mask"}
-ALL = ("query_value", "attention", "mlp", "all-linear")
-NO_QUERY_VALUE = ("attention", "mlp", "all-linear")  # KerasHub's LoRA names (query, value, ...) are not in its blocks
-NO_MLP = ("query_value", "attention", "all-linear")  # MoE whose experts are raw weights: only the routers are Dense
 
 MORE = {
-    # Families of tests.rewrite.tiny_models.TINY, same kwargs.
-    "Mistral": Family("MistralBackbone", dict(GQA, sliding_window=32), TEXT, "MistralCausalLM", ALL),
-    "OPT": Family("OPTBackbone", dict(DECODER, num_heads=2, max_sequence_length=32), TEXT, "OPTCausalLM", ALL),
-    "Phi3": Family("Phi3Backbone", dict(GQA, max_sequence_length=32, pretraining_sequence_length=32), TEXT, "Phi3CausalLM", ALL),
-    "Qwen": Family("QwenBackbone", GQA, TEXT, "QwenCausalLM", ALL),
-    "Qwen3": Family("Qwen3Backbone", dict(GQA, head_dim=4), TEXT, "Qwen3CausalLM", ALL),
-    "RoBERTa": Family("RobertaBackbone", ENCODER, TEXT, "RobertaTextClassifier", ALL),
+    # The families tested before the whole M..Z list (same configs as then).
+    "Mistral": Family("MistralBackbone", dict(GQA, sliding_window=32), TOKENS, "MistralCausalLM", ALL),
+    "OPT": Family("OPTBackbone", dict(DECODER, num_heads=2, max_sequence_length=32), TOKENS, "OPTCausalLM", ALL),
+    "Phi3": Family("Phi3Backbone", dict(GQA, max_sequence_length=32, pretraining_sequence_length=32), TOKENS, "Phi3CausalLM", ALL),
+    "Qwen": Family("QwenBackbone", GQA, TOKENS, "QwenCausalLM", ALL),
+    "Qwen3": Family("Qwen3Backbone", dict(GQA, head_dim=4), TOKENS, "Qwen3CausalLM", ALL),
+    "RoBERTa": Family("RobertaBackbone", ENCODER, TOKENS, "RobertaTextClassifier", ALL),
     # Decoders.
-    "Mixtral": Family("MixtralBackbone", dict(GQA, sliding_window=32, **MOE), TEXT, "MixtralCausalLM", NO_MLP),
-    "Qwen2": Family("Qwen2Backbone", GQA, TEXT, "Qwen2CausalLM", ALL),
+    "Mixtral": Family("MixtralBackbone", dict(GQA, sliding_window=32, **MOE), TOKENS, "MixtralCausalLM", NO_MLP),
+    "Qwen2": Family("Qwen2Backbone", GQA, TOKENS, "Qwen2CausalLM", ALL),
     "QwenMoe": Family(
-        "QwenMoeBackbone", dict(GQA, moe_intermediate_dim=8, shared_expert_intermediate_dim=16, **MOE), TEXT, "QwenMoeCausalLM", ALL
+        "QwenMoeBackbone", dict(GQA, moe_intermediate_dim=8, shared_expert_intermediate_dim=16, **MOE), TOKENS, "QwenMoeCausalLM", ALL
     ),
-    "Qwen3Moe": Family("Qwen3MoeBackbone", dict(GQA, head_dim=4, moe_intermediate_dim=8, **MOE), TEXT, "Qwen3MoeCausalLM", NO_MLP),
+    "Qwen3Moe": Family("Qwen3MoeBackbone", dict(GQA, head_dim=4, moe_intermediate_dim=8, **MOE), TOKENS, "Qwen3MoeCausalLM", NO_MLP),
     # query_value reaches only the full-attention block: the linear-attention one holds no layer KerasHub's LoRA names.
-    "Qwen3_5": Family("Qwen3_5Backbone", dict(GQA, head_dim=4, **LINEAR_ATTENTION), TEXT, "Qwen3_5CausalLM", ALL),
+    "Qwen3_5": Family("Qwen3_5Backbone", dict(GQA, head_dim=4, **LINEAR_ATTENTION), TOKENS, "Qwen3_5CausalLM", ALL),
     "Qwen3_5Moe": Family(
         "Qwen3_5MoeBackbone",
         dict(vocabulary_size=V, num_layers=2, hidden_dim=16, num_query_heads=4, num_key_value_heads=2, head_dim=4,
              moe_intermediate_dim=8, shared_expert_intermediate_size=16, **MOE, **LINEAR_ATTENTION),
-        TEXT, "Qwen3_5MoeCausalLM", ALL,
+        TOKENS, "Qwen3_5MoeCausalLM", ALL,
     ),
-    "SmolLM": Family("SmolLMBackbone", SMOL, TEXT, "SmolLMCausalLM", NO_QUERY_VALUE),  # the same class as SmolLM3
-    "SmolLM3": Family("SmolLM3Backbone", SMOL, TEXT, "SmolLM3CausalLM", NO_QUERY_VALUE),
+    "SmolLM": Family("SmolLMBackbone", SMOL, TOKENS, "SmolLMCausalLM", NO_QUERY_VALUE),  # the same class as SmolLM3
+    "SmolLM3": Family("SmolLM3Backbone", SMOL, TOKENS, "SmolLM3CausalLM", NO_QUERY_VALUE),
     # RWKV-7: recurrent blocks (`rwkv_layers`); time-mix counts as attention, channel-mix as mlp, and query_value
     # is its time-mix `value` alone. Its `generate` takes another token dict: token_ids and input_padding_mask (the
     # prompt but its last token), predict_token_ids (that token, then zeros) and padding_mask (predict_token_ids != 0).
     "RWKV7": Family(
         "RWKV7Backbone", dict(vocabulary_size=V, num_layers=2, hidden_size=16, head_size=8, intermediate_dim=32, gate_lora=4,
-                              mv_lora=4, aaa_lora=4, decay_lora=4), TEXT, "RWKV7CausalLM", ALL,
+                              mv_lora=4, aaa_lora=4, decay_lora=4), TOKENS, "RWKV7CausalLM", ALL,
     ),
     # Encoders.
     "RoformerV2": Family(
         "RoformerV2Backbone", dict(vocabulary_size=V, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32, head_size=8),
         {"token_ids": "tokens", "segment_ids": "zeros"}, "RoformerV2TextClassifier", NO_QUERY_VALUE,
     ),
-    "XLMRoberta": Family("XLMRobertaBackbone", ENCODER, TEXT, "XLMRobertaTextClassifier", ALL),
+    "XLMRoberta": Family("XLMRobertaBackbone", ENCODER, TOKENS, "XLMRobertaTextClassifier", ALL),
     # XLNet: attention and all-linear are refused: its attention output is EinsumDense "ibnd,hnd->ibh", which adapters
     # do not support yet. No task class: the bare backbone (its output is the sequence, [batch, seq, hidden]).
     "XLNet": Family(
@@ -90,6 +80,18 @@ MORE = {
     ),
     "T5Gemma": Family("T5GemmaBackbone", T5GEMMA, SEQ2SEQ, "T5GemmaSeq2SeqLM", ALL),
     "T5Gemma2": Family("T5Gemma2Backbone", T5GEMMA, SEQ2SEQ, "T5Gemma2Seq2SeqLM", ALL),
+    # Audio in, text out: the encoder reads [B, T, num_mels] features; KerasHub 0.32 has no Whisper task class.
+    "Whisper": Family(
+        "WhisperBackbone", dict(vocabulary_size=V, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32, num_mels=8,
+                                max_encoder_sequence_length=16, max_decoder_sequence_length=16),
+        {"encoder_features": "features", "decoder_token_ids": "tokens", "decoder_padding_mask": "mask"}, None, ALL,
+    ),
+    "Moonshine": Family(  # raw audio in (the mask covers the samples), text out; the task needs an audio preprocessor
+        "MoonshineBackbone", dict(vocabulary_size=V, filter_dim=16, encoder_num_layers=2, decoder_num_layers=2, hidden_dim=16,
+                                  intermediate_dim=32, encoder_num_heads=2, decoder_num_heads=2, max_position_embeddings=64),
+        {"encoder_input_values": "audio", "encoder_padding_mask": "audio_mask", "decoder_token_ids": "tokens",
+         "decoder_padding_mask": "mask"}, None, ALL,
+    ),
 }
 
 UNCOVERED_MORE = {
@@ -97,7 +99,6 @@ UNCOVERED_MORE = {
     "MiTBackbone": "vision only",
     "MobileNetBackbone": "vision only (convolutional, no transformer blocks)",
     "MobileNetV5Backbone": "vision only",
-    "MoonshineBackbone": "audio encoder-decoder (Moonshine): inputs are raw audio samples",
     "PARSeqBackbone": "scene-text recognition: a text decoder over an image encoder; inputs include images",
     "PaliGemmaBackbone": "vision-language: always has a ViT encoder and takes images",
     "ResNetBackbone": "vision only (convolutional, no transformer blocks)",
@@ -112,6 +113,5 @@ UNCOVERED_MORE = {
     "ViTBackbone": "vision only",
     "ViTDetBackbone": "vision only",
     "VideoPrismBackbone": "video (with an optional text tower): inputs are video frames",
-    "WhisperBackbone": "audio encoder-decoder (Whisper): inputs are audio features",
     "XceptionBackbone": "vision only (convolutional, no transformer blocks)",
 }
