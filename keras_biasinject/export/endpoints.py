@@ -53,9 +53,12 @@ def build_archive(model, feedback=None):
 
 
 def input_specs(model):
-    """One `tf.TensorSpec` per input of the model's backbone, sorted by name (any batch and length)."""
+    """One `tf.TensorSpec` per token input of the model's backbone, sorted by name (any batch and length);
+    an injected model's `control` input is not one of them (`model_inputs` adds it after them)."""
     backbone = model.backbone if isinstance(model, keras_hub.models.Task) else model
     inputs = backbone.input
+    if isinstance(inputs, dict):
+        inputs = {name: tensor for name, tensor in inputs.items() if name != "control"}
     if not isinstance(inputs, dict):
         raise ValueError(f"export_saved_model: expected a KerasHub model with dict inputs; {type(model).__name__} has {inputs!r}.")
     return [tf.TensorSpec([None] * len(inputs[key].shape), tf.as_dtype(inputs[key].dtype), name=key) for key in sorted(inputs)]
