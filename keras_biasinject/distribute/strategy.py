@@ -5,8 +5,9 @@
     "multi-worker"  one process per machine, cluster from $TF_CONFIG: MultiWorkerMirroredStrategy()
     "tpu"           a Cloud TPU (name or grpc:// address from $TPU_NAME, default "local"): TPUStrategy
     "model-parallel" JAX backend only: keras.distribution.ModelParallel over every device as a
-                    (batch, model) mesh, 2 devices on the model axis (1 for an odd count), the rest on
-                    the data axis; weights sharded by KerasHub's transformer layout (distribute/sharding.py).
+                    (batch, model) mesh, 2 devices on the model axis (an even device count is required),
+                    the rest on the data axis; weights sharded by KerasHub's transformer layout
+                    (distribute/sharding.py).
                     CPU hosts: XLA_FLAGS=--xla_force_host_platform_device_count=4 gives a 2 x 2 mesh.
 
 The model, `inject` and the optimizer must all be created inside `strategy.scope()` (the recipe

@@ -118,8 +118,7 @@ def run_method(recipe, method, run_dir, verbose=1, strategy=None, backup_dir=Non
 
     `strategy`: a tf.distribute strategy or, on JAX, a keras.distribution (see
     keras_biasinject.distribute.make_strategy); the model, its adapters and the optimizer are made in
-    its scope. `recipe.train.batch_size` is the global
-    batch, split evenly over the strategy's replicas."""
+    its scope. `recipe.train.batch_size` is the global batch, split evenly over the strategy's replicas."""
     strategy = strategy or tf.distribute.get_strategy()
     per_replica_batch(recipe.train.batch_size, strategy)  # raises unless it divides evenly
     with _distribution_scope(strategy):
