@@ -7,14 +7,22 @@ vector, from its label (`control_map`) or from numeric columns (`control_columns
 
 Elements, batched, as `fit` expects them for the preprocessor passed in:
 - `TextClassifierPreprocessor`: `(x, class_id)`; x holds the token inputs and `"control"`.
-- `CausalLMPreprocessor`: `(x, next_token_ids, padding_mask)`; x holds the token inputs and
-  `"control"`. With prompt/response columns the text is `prompt + response`, joined as is.
+- `CausalLMPreprocessor`: `(x, next_token_ids, sample_weight)`; x holds the token inputs and
+  `"control"`; the sample weight is the padding mask of the targets. With prompt/response columns
+  the text is the preprocessor's chat template with the prompt as the user turn and the response as
+  the assistant turn, or `prompt + response` joined as is without one (`chat_template`); and the
+  loss counts the response only (`completion_only`, data/completion.py): weight 1 on the targets
+  that predict response tokens and the end token, 0 on the prompt and the padding.
 
 `x["control"]` is float32 `[batch, control_dim]`; class ids are int32 `[batch]`.
 
     config = DataConfig("reviews.csv", text_column="review", label_column="score",
                         control_map={"great": 1.0, "other": -1.0}, batch_size=16, shuffle_seed=0)
     ds = make_dataset(config, classifier.preprocessor)  # classifier.fit(ds, epochs=2)
+
+    config = DataConfig("chats.jsonl", prompt_column="question", response_column="answer",
+                        control_columns=["formality"])  # completion_only=True: loss on the answers
+    ds = make_dataset(config, lm.preprocessor)  # lm.fit(ds); x, y, sample_weight per batch
 """
 
 import csv
@@ -29,6 +37,7 @@ import numpy as np
 import keras_hub
 import tensorflow as tf
 
+from keras_biasinject.data.completion import completion_weights, model_texts, pack, tokenized_pairs
 from keras_biasinject.layers.checks import check_positive_int, is_finite_number
 
 FILE_SUFFIXES = (".csv", ".jsonl")
@@ -41,7 +50,7 @@ class DataConfig:
 
     source: str  # a .csv or .jsonl file, or a TFDS name ("small_fine_foods", "jane_austen", "imdb_reviews")
     text_column: Optional[str] = None  # the text to tokenize; or use prompt_column + response_column
-    prompt_column: Optional[str] = None  # causal LM: the text is prompt + response, joined as is
+    prompt_column: Optional[str] = None  # causal LM: the user turn; the text is prompt + response (chat_template)
     response_column: Optional[str] = None  # causal LM: the part after the prompt
     label_column: Optional[str] = None  # the class label: the classifier's target and control_map's key
     label_names: Optional[Sequence[str]] = None  # class id order; None: the order of control_map's keys
@@ -50,6 +59,8 @@ class DataConfig:
     batch_size: int = 8  # examples per batch; the last batch may be smaller
     shuffle_seed: Optional[int] = None  # None: keep the source's order; an int: shuffle from it
     reshuffle: bool = True  # with shuffle_seed: a new order each epoch; False: one order, kept every epoch
+    completion_only: bool = True  # prompt/response: loss on the response + end token only; False: whole text
+    chat_template: Union[bool, str] = True  # True: the preprocessor's template, if any; False: joined as is; or Jinja
 
     def __post_init__(self):
         if not isinstance(self.source, (str, Path)) or not str(self.source):
@@ -100,6 +111,15 @@ class DataConfig:
             raise ValueError(f"DataConfig: `shuffle_seed` must be an integer or None. Got shuffle_seed={self.shuffle_seed!r}.")
         if not isinstance(self.reshuffle, bool):
             raise ValueError(f"DataConfig: `reshuffle` must be true or false. Got reshuffle={self.reshuffle!r}.")
+        if not isinstance(self.completion_only, bool):
+            raise ValueError(
+                f"DataConfig: `completion_only` must be true or false. Got completion_only={self.completion_only!r}."
+            )
+        if not isinstance(self.chat_template, (bool, str)) or self.chat_template == "":
+            raise ValueError(
+                "DataConfig: `chat_template` must be true (the preprocessor's own), false (join prompt and response "
+                f"as they are) or a Jinja template string. Got chat_template={self.chat_template!r}."
+            )
 
     @property
     def control_dim(self):
@@ -130,6 +150,10 @@ def make_dataset(config, preprocessor, split=None):
         config: a `DataConfig`.
         preprocessor: a `keras_hub.models.TextClassifierPreprocessor` or `CausalLMPreprocessor`.
         split: the TFDS split ("train", "test", "train[:10%]"); None means "train". Files have none.
+
+    With prompt/response columns and `completion_only`, a prompt that leaves no room for its response
+    in the preprocessor's sequence_length raises ValueError naming the example; a response cut at
+    the sequence length is trained up to the cut, without its end token, with a warning naming it.
     """
     if isinstance(preprocessor, keras_hub.models.TextClassifierPreprocessor):
         causal = False
@@ -147,11 +171,17 @@ def make_dataset(config, preprocessor, split=None):
             f"CausalLMPreprocessor (e.g. `task.preprocessor`). Got {type(preprocessor).__name__}."
         )
 
-    texts, controls, class_ids = read_examples(config, split)
-    ds = tf.data.Dataset.from_tensor_slices((texts, controls, class_ids))
+    texts, controls, class_ids, pairs, places = _read(config, split)
+    pairs = pairs if causal else None
+    spans = None
+    if pairs is not None:  # tokenized now, in Python, and packed in the map (data/completion.py says why)
+        prompt_texts, full_texts = model_texts(preprocessor, *pairs, chat_template=config.chat_template)
+        texts, spans = tokenized_pairs(preprocessor, prompt_texts, full_texts, places, config.completion_only)
+    slices = (texts, controls, class_ids) if spans is None else (texts, controls, class_ids, spans)
+    ds = tf.data.Dataset.from_tensor_slices(slices)
     if config.shuffle_seed is not None:
-        ds = ds.shuffle(len(texts), seed=config.shuffle_seed, reshuffle_each_iteration=config.reshuffle)
-    ds = ds.batch(config.batch_size)
+        ds = ds.shuffle(len(controls), seed=config.shuffle_seed, reshuffle_each_iteration=config.reshuffle)
+    ds = ds.ragged_batch(config.batch_size) if pairs is not None else ds.batch(config.batch_size)
 
     def classify(text, control, class_id):
         x, y = preprocessor(text, class_id)
@@ -162,16 +192,29 @@ def make_dataset(config, preprocessor, split=None):
         x, y, sample_weight = preprocessor(text)
         return {**x, "control": control}, y, sample_weight
 
-    ds = ds.map(continue_text if causal else classify, num_parallel_calls=tf.data.AUTOTUNE)
+    def continue_prompt(ids, control, class_id, span=None):
+        del class_id
+        x, y, sample_weight = pack(preprocessor, ids)
+        if span is not None:
+            sample_weight = completion_weights(sample_weight, span)
+        return {**x, "control": control}, y, sample_weight
+
+    step = classify if not causal else continue_text if pairs is None else continue_prompt
+    ds = ds.map(step, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def read_examples(config, split=None):
     """(texts, controls, class_ids) as numpy arrays: str `[n]`, float32 `[n, control_dim]`, int32 `[n]`.
 
-    Class ids are -1 without a label column. Raises ValueError naming the file, line and column of
-    the first bad row.
+    Class ids are -1 without a label column. With prompt/response columns the text is `prompt +
+    response`, joined as is. Raises ValueError naming the file, line and column of the first bad row.
     """
+    return _read(config, split)[:3]
+
+
+def _read(config, split):
+    """`read_examples`' arrays, then ([prompts], [responses]) or None, and each example's place."""
     rows, columns, where, unit = _read_source(config.source, split)
     wanted = {
         "text_column": config.text_column,
@@ -188,16 +231,19 @@ def read_examples(config, split=None):
                 f"Set {field} to one of them."
             )
     class_index = {name: i for i, name in enumerate(config.class_names or [])}
-    texts, controls, class_ids = [], [], []
+    texts, controls, class_ids, prompts, responses, places = [], [], [], [], [], []
     for number, row in rows:
         at = f"{where} {unit} {number}"
+        places.append(at)
         for column in wanted.values():
             if column not in row:
                 raise ValueError(f"{at}: no value for column {column!r}. Keys present: {sorted(row)}.")
         if config.text_column is not None:
             texts.append(_text(row, config.text_column, at))
         else:
-            texts.append(_text(row, config.prompt_column, at) + _text(row, config.response_column, at))
+            prompts.append(_text(row, config.prompt_column, at))
+            responses.append(_text(row, config.response_column, at))
+            texts.append(prompts[-1] + responses[-1])
         label = None
         if config.label_column is not None:
             label = _label(row[config.label_column], config.label_column, at)
@@ -216,6 +262,8 @@ def read_examples(config, split=None):
         np.asarray(texts, dtype=object),
         np.asarray(controls, dtype="float32").reshape(len(texts), config.control_dim),
         np.asarray(class_ids, dtype="int32"),
+        (prompts, responses) if config.text_column is None else None,
+        places,
     )
 
 

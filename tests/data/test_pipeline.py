@@ -76,8 +76,11 @@ def test_jsonl_prompt_response_causal_lm(tmp_path, gpt2_preprocessor):
     # "ab ab?" -> ab, Ġab, ?; "c c" -> c, Ġc; framed by <|endoftext|> (0), padded with 0.
     np.testing.assert_array_equal(x["token_ids"], [[0, 5, 6, 7, 0, 0], [0, 3, 8, 0, 0, 0]])
     np.testing.assert_array_equal(y, [[5, 6, 7, 0, 0, 0], [3, 8, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(sample_weight, [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+    # The loss counts the response and the end token only (completion_only, tests/data/test_completion_only.py).
+    np.testing.assert_array_equal(sample_weight, [[0, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]])
     np.testing.assert_array_equal(x["control"], [[1.0], [-1.0]])
+    ((_, _, whole_text),) = batches(make_dataset(dataclasses.replace(config, completion_only=False), gpt2_preprocessor))
+    np.testing.assert_array_equal(whole_text, [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
 
 
 def test_shuffle_keeps_controls_with_their_examples(tmp_path, bert_preprocessor):
