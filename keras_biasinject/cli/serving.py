@@ -24,12 +24,30 @@ def parse_control(text):
         return str(text)
 
 
+def mix_control(model, control):
+    """`a=0.7,b=0.3` (a `--control` naming adapters) -> `model.mix({"a": 0.7, "b": 0.3})`, the control that
+    mixes a model's adapters; any other control as it is."""
+    if not (isinstance(control, str) and "=" in control):
+        return control
+    if not hasattr(model, "mix"):
+        raise ValueError(f"export: --control {control!r} mixes adapters by name, and this model has none (it was not injected).")
+    weights = {}
+    for part in control.split(","):
+        name, _, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"export: --control {control!r}: a mix is name=weight pairs separated by commas, e.g. "
+                             "a=0.7,b=0.3.") from None
+    return model.mix(weights)
+
+
 def cmd_export(args):
     from keras_biasinject.export import export_onnx, export_saved_model
     from keras_biasinject.recipes.run_folder import load_model_source
 
     model = load_model_source(args.source)
-    control = parse_control(args.control)
+    control = mix_control(model, parse_control(args.control))
     feedback = None
     if args.feedback_half_life is not None:
         if not hasattr(model, "injection"):
@@ -146,7 +164,8 @@ def add_serving_commands(sub):
     p.add_argument("--out", required=True, help="TF Serving's model base path; the export goes to OUT/NAME/VERSION")
     p.add_argument("--name", default="model", help="model name in TF Serving's URLs (default: model)")
     p.add_argument("--version", type=int, help="version number (default: one more than the highest there)")
-    p.add_argument("--control", help="merge this control (numbers or a stored name) into the weights: no control input")
+    p.add_argument("--control", help="merge this control (numbers, a stored name, or a mix of adapters such as "
+                   "a=0.7,b=0.3) into the weights: no control input")
     p.add_argument("--feedback-half-life", type=float, help="add a feedback_step signature with this half-life")
     p.add_argument("--onnx", help="also write the serve signature as this ONNX file (needs the onnx extra)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version / file")

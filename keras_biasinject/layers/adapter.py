@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_biasinject.layers import control as control_lib
 from keras_biasinject.layers.checks import check_positive_int
-from keras_biasinject.layers.projection import Projection
+from keras_biasinject.layers.projection import Projection, layer_path
 
 
 class ControlAdapter(keras.layers.Layer):
@@ -19,6 +19,10 @@ class ControlAdapter(keras.layers.Layer):
     `adapted`, `merged_kernel` and `for_injection` (and `weight_layout` for weights other than `V`).
     This class gives the rest: the merged call, `merge`/`unmerge`, `merged_weights`, `own_weights`,
     the refusal to save while merged, and the config round trip.
+
+    Several adapters on one layer (a model with several, see `inject`): the outer adapter is
+    `stack_on` the inner one and adds its terms to the inner's output; each reads its own slice of the
+    model's combined control (`control_start`). Both are set by `inject`, not saved in the config.
 
     Args:
         base_layer: the `Dense` or `EinsumDense` it wraps.
@@ -55,6 +59,11 @@ class ControlAdapter(keras.layers.Layer):
         self.control_dim = control_dim
         self.neutral = neutral
         self._merged = None  # (kernel, bias, offset) saved by merge(), or None
+        # Several adapters in one model (set by `inject`, not part of the config): where this adapter's part
+        # starts in the model's combined control (None: the control is this adapter's alone), and the
+        # adapter on the same base layer whose output this one adds to (None: the base layer itself).
+        self.control_start = None
+        self.inner = None
 
     @classmethod
     def default_name(cls, base_layer):
@@ -62,8 +71,9 @@ class ControlAdapter(keras.layers.Layer):
         return f"{base_layer.name}{cls.name_suffix}"
 
     @classmethod
-    def for_injection(cls, layer, config):
-        """The adapter `inject` splices around `layer` for `config` (an `InjectionConfig`)."""
+    def for_injection(cls, layer, config, **kwargs):
+        """The adapter `inject` splices around `layer` for `config` (an `InjectionConfig`); `kwargs`
+        reach the layer (`name`)."""
         raise NotImplementedError(f"{cls.__name__} does not say how `inject` makes it.")
 
     def freeze_base(self):
@@ -76,31 +86,64 @@ class ControlAdapter(keras.layers.Layer):
             name="control_kernel", shape=(self.control_dim,) + self.projection.feature_shape, initializer=initializer
         )
 
+    def stack_on(self, inner):
+        """Makes this adapter add its terms to `inner`'s output (an adapter around the same base layer)
+        instead of the base layer's: several adapters on one layer, each reading its own part of the
+        control. `inject` calls it when a model gets a second adapter on a layer."""
+        if inner.base_layer is not self.base_layer:
+            raise ValueError(f"Layer '{self.path}': can stack only on an adapter of the same base layer "
+                             f"'{layer_path(self.base_layer)}'; '{inner.path}' wraps '{layer_path(inner.base_layer)}'.")
+        self._tracker.unlock()  # built layers lock their attributes
+        try:
+            self.inner = inner
+        finally:
+            self._tracker.lock()
+
     @property
     def own_weights(self):
-        """The variables this adapter adds (not its base layer's), in creation order."""
-        base_ids = {id(v) for v in self.base_layer.weights}
-        return [v for v in self.weights if id(v) not in base_ids]
+        """The variables this adapter adds (not its base layer's, nor those of an adapter under it), in creation order."""
+        other = {id(v) for v in self.base_layer.weights}
+        if self.inner is not None:
+            other.update(id(v) for v in self.inner.weights)
+        return [v for v in self.weights if id(v) not in other]
 
     @property
     def merged(self):
         return self._merged is not None
 
     def call(self, inputs, control=None):
+        if self._merged is not None and control is not None:
+            raise ValueError(
+                f"Layer '{self.path}' is merged for one fixed control and ignores `control`. "
+                "Call `unmerge()` to use per-request controls again."
+            )
+        control = control_lib.current_control() if control is None else control
+        return self.activate(self.stacked(inputs, control))
+
+    def stacked(self, inputs, control):
+        """The output before the base's activation, with the terms of the adapters under this one;
+        `control` is the model's (the combined control when `control_start` is set)."""
         if self._merged is not None:
-            if control is not None:
-                raise ValueError(
-                    f"Layer '{self.path}' is merged for one fixed control and ignores `control`. "
-                    "Call `unmerge()` to use per-request controls again."
-                )
             y = self.projection.pre_activation(inputs)
             offset = self._merged[2]
-            return self.activate(y if offset is None else ops.add(y, ops.cast(offset, y.dtype)))
-        control = control_lib.current_control() if control is None else control
-        return self.activate(self.adapted(inputs, control))
+            return y if offset is None else ops.add(y, ops.cast(offset, y.dtype))
+        under = None if self.inner is None else self.inner.stacked(inputs, control)
+        return self.adapted(inputs, self.own_control(control), under)
 
-    def adapted(self, inputs, control):
-        """The output before the base's activation; `control` None means the neutral control."""
+    def own_control(self, control):
+        """This adapter's part of `control`: all of it, or with several adapters in the model its slice."""
+        if control is None or self.control_start is None:
+            return control
+        return control_lib.control_part(control, self.control_start, self.control_dim)
+
+    def base_output(self, inputs, under):
+        """What the adapter's terms add to: `under` (the output of the adapters under it), else the base's
+        pre-activation output."""
+        return self.projection.pre_activation(inputs) if under is None else under
+
+    def adapted(self, inputs, control, under=None):
+        """The output before the base's activation; `control` None means the neutral control; `under`:
+        see `base_output`."""
         raise NotImplementedError(f"{type(self).__name__}: every adapter kind implements `adapted` (see LoRABiasAdapter).")
 
     def activate(self, y):
@@ -179,6 +222,12 @@ class ControlAdapter(keras.layers.Layer):
         """
         if self._merged is not None:
             raise ValueError(f"Layer '{self.path}' is already merged. Call `unmerge()` first.")
+        if self.inner is not None:
+            raise ValueError(
+                f"Layer '{self.path}' is stacked on adapter '{self.inner.path}' (several adapters on one layer), so "
+                "merging one of them alone would fold the wrong update. Merge the whole model at one control with "
+                "`keras_biasinject.merge(model, control)`."
+            )
         kernel, bias, offset = self.merged_weights(control)
         base = self.base_layer
         saved_kernel = ops.copy(base.kernel.value)

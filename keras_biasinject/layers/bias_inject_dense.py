@@ -109,8 +109,8 @@ class BiasInjectDense(ControlAdapter):
         return wrapped
 
     @classmethod
-    def for_injection(cls, layer, config):
-        return cls.from_layer(layer, control_dim=config.control_dim, neutral=config.neutral)
+    def for_injection(cls, layer, config, **kwargs):
+        return cls.from_layer(layer, control_dim=config.control_dim, neutral=config.neutral, **kwargs)
 
     def build(self, input_shape=None):
         if not self.base_layer.built:
@@ -125,8 +125,8 @@ class BiasInjectDense(ControlAdapter):
     def bias(self):
         return self.base_layer.bias
 
-    def adapted(self, inputs, control):
-        y = self.projection.pre_activation(inputs)  # (B, ..., *features)
+    def adapted(self, inputs, control, under=None):
+        y = self.base_output(inputs, under)  # (B, ..., *features)
         if control is None:
             return y
         return ops.add(y, self.control_bias(self.centred(control, y), y))

@@ -13,6 +13,9 @@ reaches adapters spliced deep inside a model whose blocks call their projections
 (KerasHub's transformer blocks do): the model enters the scope in its own `call`, inside the same
 trace, so it works eagerly, under `tf.function` and under `jax.jit`. Every adapter kind reads its
 control this way, in `ControlAdapter.call` (layers/adapter.py).
+
+A model with several adapters (`inject` more than once) has one combined control: the adapters'
+controls side by side, in injection order. Each adapter reads its own slice (`control_part`).
 """
 
 import contextlib
@@ -48,6 +51,14 @@ def current_control():
     """The control of the innermost `control_scope`, or None outside any scope."""
     stack = getattr(_scopes, "stack", None)
     return stack[-1] if stack else None
+
+
+def control_part(control, start, width):
+    """`control[..., start:start + width]`: one adapter's part of a model's combined control (a model
+    with several adapters concatenates their controls, in injection order)."""
+    if isinstance(control, (list, tuple, float, int)):
+        control = np.asarray(control, "float32")
+    return control[..., start : start + width]
 
 
 def check_neutral(neutral, control_dim, owner):

@@ -102,9 +102,9 @@ class LoRABiasAdapter(ControlAdapter):
         self.build()  # the base is built, so every weight's shape is known
 
     @classmethod
-    def for_injection(cls, layer, config):
+    def for_injection(cls, layer, config, **kwargs):
         return cls(layer, rank=config.rank, control_dim=config.control_dim, alpha=config.alpha, gate=config.gate,
-                   neutral=config.neutral)
+                   neutral=config.neutral, **kwargs)
 
     def build(self, input_shape=None):
         a_shape, b_shape = self.projection.lora_shapes(self.rank)
@@ -119,12 +119,12 @@ class LoRABiasAdapter(ControlAdapter):
     def scale(self):
         return self.alpha / self.rank
 
-    def adapted(self, inputs, control):
+    def adapted(self, inputs, control, under=None):
         projection = self.projection
         if control is None and self.gate == "control":  # neutral control: the frozen base
-            return projection.pre_activation(inputs)
+            return self.base_output(inputs, under)
 
-        y = projection.pre_activation(inputs)  # (B, ..., *features)
+        y = self.base_output(inputs, under)  # (B, ..., *features)
         h = projection.project_a(inputs, self.lora_a)  # (B, ..., r)
         if control is None:  # neutral control, gate "always": strength 1
             gated = h

@@ -34,11 +34,11 @@ from keras_biasinject.layers.checks import describe, is_finite_number
 from keras_biasinject.layers.feedback_head import FeedbackHead
 from keras_biasinject.layers.kinds import ADAPTER_KINDS, adapter_weight
 from keras_biasinject.rewrite.config import InjectionConfig
-from keras_biasinject.rewrite.feedback import add_feedback_head
-from keras_biasinject.rewrite.inject import inject
+from keras_biasinject.rewrite.feedback import add_feedback_head, remove_feedback_head
+from keras_biasinject.rewrite.inject import DEFAULT_NAME, inject
 from keras_biasinject.rewrite.injected_model import InjectedModel
 from keras_biasinject.rewrite.kerashub import backbone_of, with_tied_embeddings
-from keras_biasinject.rewrite.merge import remove, splices_of
+from keras_biasinject.rewrite.merge import remove_last_adapter, splices_of
 from keras_biasinject.rewrite.targets import find_layers
 
 CONFIG_FILE = "adapter_config.json"
@@ -56,24 +56,62 @@ _KEY_TYPES = {  # every key of CONFIG_FILE and the JSON type of its value
 }
 
 
-def _adapter_variables(model):
-    """{path: variable} of everything `save_adapter` stores: adapter-owned and extra trainable weights."""
-    variables = {v.path: v for _, adapter in splices_of(model, "save_adapter") for v in adapter.own_weights}
-    config = model.injection.config
+def _adapter_variables(model, name):
+    """{path: variable} of everything `save_adapter` stores of the adapter `name`: its own weights (keyed by
+    the paths they have when it is a model's only adapter), its extra trainable layers' weights and, in a
+    model with one adapter, the feedback head's."""
+    variables = {_standalone_path(adapter, v): v for _, adapter in splices_of(model, "save_adapter", name)
+                 for v in adapter.own_weights}
+    config = model.adapters[name].config
     for layer in find_layers(model, config.trainable) if config.trainable else []:
         variables.update({v.path: v for v in layer.weights})
-    if model.feedback_head is not None:
+    if model.feedback_head is not None and len(model.adapters) == 1:
         variables.update({v.path: v for v in model.feedback_head.weights})
     return variables
 
 
-def _fingerprint(model):
-    """sha256 over the adapted base layers' weights (as float32), in splice order."""
+def _standalone_path(adapter, variable):
+    """`variable`'s path as if `adapter` were its model's only adapter: a second adapter's layer is named
+    `query_b_lora_bias` beside the first's `query_lora_bias`; its file says `query_lora_bias`, so that it
+    loads onto a plain base as well as beside other adapters."""
+    scope, _, weight = variable.path.rpartition("/")
+    parent, _, segment = scope.rpartition("/")
+    if segment != adapter.name:
+        return variable.path
+    return "/".join(part for part in (parent, type(adapter).default_name(adapter.base_layer), weight) if part)
+
+
+def _fingerprint(model, name):
+    """sha256 over the adapted base layers' weights (as float32) of the adapter `name`, in splice order."""
     digest = hashlib.sha256()
-    for _, adapter in splices_of(model, "save_adapter"):
+    for _, adapter in splices_of(model, "save_adapter", name):
         for variable in adapter.base_layer.weights:
             digest.update(np.ascontiguousarray(ops.convert_to_numpy(ops.cast(variable, "float32"))).tobytes())
     return digest.hexdigest()
+
+
+def _adapter_name(model, name, caller):
+    """The adapter of `model` that `name` means: `name` itself, or with None the model's only adapter."""
+    names = list(model.adapters)
+    if name is None and len(names) == 1:
+        return names[0]
+    if name is None:
+        raise ValueError(f"{caller}: this model has {len(names)} adapters {names}; pass `name=` to say which to save "
+                         "(save each to its own folder; `model.save('x.keras')` keeps them all).")
+    if name not in names:
+        raise ValueError(f"{caller}: this model has no adapter named {name!r}; its adapters are {names}.")
+    return name
+
+
+def _own_named_controls(model, name):
+    """The named controls `save_adapter` writes for the adapter `name`: those stored as `<name>/<control>`
+    (by `load_adapter(..., name=name)`), cut to its part of the control; with one adapter, every other too."""
+    start, stop = model.control_layout[name]
+    prefix, single = f"{name}/", len(model.adapters) == 1
+    own = {key: list(vector) for key, vector in model.named_controls.items() if single and not key.startswith(prefix)}
+    own.update({key[len(prefix):]: list(vector[start:stop]) for key, vector in model.named_controls.items()
+                if key.startswith(prefix)})
+    return own
 
 
 def _backbone_description(model):
@@ -86,13 +124,19 @@ def _backbone_description(model):
     return keras.saving.get_registered_name(cls), json.loads(json.dumps(config, default=str))
 
 
-def save_adapter(model, path, overwrite=False):
+def save_adapter(model, path, overwrite=False, name=None):
     """Writes the adapter of an injected model (not its base) to the folder `path`; returns `path`.
 
     Kilobytes to megabytes: the adapter weights, the extra trainable layers' weights, the injection
     config and the named controls. Load it with `load_adapter(base_model, path)`.
+
+    A model with several adapters saves one at a time: `name` says which. The folder is the same as
+    for that adapter alone (its own control, its named controls stored as `<name>/<control>`), so it
+    loads onto a plain base or beside other adapters (`load_adapter(model, path, name=...)`).
     """
-    splices = splices_of(model, "save_adapter")
+    splices_of(model, "save_adapter")  # an injected model that `inject` returned
+    name = _adapter_name(model, name, "save_adapter")
+    splices = splices_of(model, "save_adapter", name)
     merged = [a.path for _, a in splices if a.merged]
     if merged:
         raise ValueError(f"save_adapter: adapter {merged[0]!r} is merged; call its `unmerge()` first.")
@@ -103,7 +147,7 @@ def save_adapter(model, path, overwrite=False):
         raise FileExistsError(
             f"save_adapter: {str(path)!r} exists and is not an adapter folder; it is never replaced. Choose another path."
         )
-    variables = _adapter_variables(model)
+    variables = _adapter_variables(model, name)
     arrays = {p: np.ascontiguousarray(ops.convert_to_numpy(ops.cast(v, "float32"))) for p, v in variables.items()}
     bad = [p for p, a in arrays.items() if not np.all(np.isfinite(a))]
     if bad:
@@ -117,10 +161,11 @@ def save_adapter(model, path, overwrite=False):
         "base_class": keras.saving.get_registered_name(model._base_class),
         "backbone_class": backbone_class,
         "backbone_config": backbone_config,
-        "injection": model.injection.config.to_dict(),
-        "named_controls": {name: list(v) for name, v in model.named_controls.items()},
-        "feedback_head": None if model.feedback_head is None else keras.saving.serialize_keras_object(model.feedback_head),
-        "base_fingerprint": _fingerprint(model),
+        "injection": model.adapters[name].config.to_dict(),
+        "named_controls": _own_named_controls(model, name),
+        "feedback_head": None if model.feedback_head is None or len(model.adapters) > 1
+        else keras.saving.serialize_keras_object(model.feedback_head),
+        "base_fingerprint": _fingerprint(model, name),
         "weights": {p: list(a.shape) for p, a in arrays.items()},
     }
 
@@ -303,9 +348,17 @@ def _read_weights(weights_file, shapes, config_file):
     return {name: arrays[name] for name in shapes}  # in the config's order: the order they were saved in
 
 
-def _check_base(base_model, config, path):
+def _check_base(base_model, config, path, name, head):
     if isinstance(base_model, InjectedModel):
-        raise ValueError("load_adapter: this model is already injected; pass the plain base model (or `remove` it first).")
+        names = list(base_model.adapters)
+        if name in names:
+            raise ValueError(
+                f"load_adapter: the model already has an adapter named {name!r} (its adapters: {names}); two adapters "
+                f"cannot share a name. Pass another name, e.g. load_adapter(model, {str(path)!r}, name='{name}_2')."
+            )
+        if head is not None and base_model.feedback_head is not None:
+            raise ValueError(f"load_adapter: the adapter at {str(path)!r} brings a feedback head, and the model has one "
+                             "already. Take it off first (`remove_feedback_head(model)`), or load onto the plain base.")
     backbone_class, backbone_config = _backbone_description(base_model)
     if backbone_class != config["backbone_class"]:
         raise ValueError(
@@ -322,7 +375,7 @@ def _check_base(base_model, config, path):
         )
 
 
-def load_adapter(base_model, path):
+def load_adapter(base_model, path, name=None):
     """Injects `base_model` as the adapter at `path` describes and loads the adapter's weights.
 
     Returns the injected model (the same object, as `inject` does). The whole folder is read and
@@ -330,24 +383,36 @@ def load_adapter(base_model, path):
     before anything changes; if the weights then do not fit the injected model, the injection is
     undone, so the model is left exactly as it was. Base weights that differ from those the adapter
     was trained on (same architecture) give a warning.
+
+    Several adapters: load each under its own `name` (`load_adapter(model, "a/", name="a")`, then
+    `name="b"` on the returned model): the model's control becomes theirs side by side (see
+    `model.control_layout`, `model.mix`). The adapter's named controls are stored as `<name>/<control>`
+    (with the other adapters neutral) when `name` is given, as they are otherwise.
     """
     config, injection, head, arrays = _read(path)
-    _check_base(base_model, config, path)
-    model = _inject_from_file(base_model, injection, path)
+    adapter_name = DEFAULT_NAME if name is None else name
+    _check_base(base_model, config, path, adapter_name, head)
+    had_head = getattr(base_model, "feedback_head", None) is not None
+    model = _inject_from_file(base_model, injection, path, adapter_name)
     try:
         if head is not None:
             add_feedback_head(model, head)
-        variables = _adapter_variables(model)
+        variables = _adapter_variables(model, adapter_name)
         arrays = _renumbered(variables, arrays)
         _check_fit(variables, arrays, config, path)
-        for name, vector in config["named_controls"].items():
-            model.add_control(name, vector)
+        start, stop = model.control_layout[adapter_name]
+        for control, vector in config["named_controls"].items():
+            combined = model._neutral_vector()
+            combined[start:stop] = vector
+            model.add_control(control if name is None else f"{name}/{control}", combined)
     except Exception:
-        remove(model)
+        if head is not None and model.feedback_head is not None and not had_head:
+            remove_feedback_head(model)
+        remove_last_adapter(model)
         raise
     for p, variable in variables.items():
         variable.assign(arrays[p])
-    if _fingerprint(model) != config["base_fingerprint"]:
+    if _fingerprint(model, adapter_name) != config["base_fingerprint"]:
         warnings.warn(
             f"load_adapter: the base weights under the adapted layers differ from those the adapter at "
             f"{str(path)!r} was trained on (same architecture, other weights); its outputs will differ "
@@ -357,10 +422,10 @@ def load_adapter(base_model, path):
     return model
 
 
-def _inject_from_file(base_model, injection, path):
-    """`inject(base_model, injection)`, with an injection that does not apply named after the file."""
+def _inject_from_file(base_model, injection, path, name):
+    """`inject(base_model, injection, name=name)`, with an injection that does not apply named after the file."""
     try:
-        return inject(base_model, injection)
+        return inject(base_model, injection, name=name)
     except (ValueError, TypeError, OverflowError) as error:  # `inject` leaves the model as it was
         raise ValueError(
             f"load_adapter: the 'injection' in {str(Path(path) / CONFIG_FILE)!r} does not apply to this model: {error}"

@@ -85,7 +85,7 @@ def _mean_outputs(model, adapters, batches):
     return sums
 
 
-def control_from_examples(model, positive, negative, *, scale=1.0, dimension=0, batch_size=8):
+def control_from_examples(model, positive, negative, *, scale=1.0, dimension=0, batch_size=8, name=None):
     """Sets the control weights `V` of every adapter of `model` to the difference of mean outputs of the
     layer it wraps between `positive` and `negative` examples (CAA's steering vector); returns `model`.
 
@@ -94,8 +94,10 @@ def control_from_examples(model, positive, negative, *, scale=1.0, dimension=0, 
         positive, negative: lists of texts (tokenized by the model's preprocessor), or token inputs
             (`{"token_ids": [n, seq], "padding_mask": [n, seq]}`).
         scale: multiplies the difference: the control `neutral + a` adds `a * scale` differences.
-        dimension: which control dimension the vector goes to (the other rows of `V` are kept).
+        dimension: which control dimension the vector goes to (the other rows of `V` are kept), counted
+            within the adapter's own part of the control.
         batch_size: examples per forward pass.
+        name: the adapter to set, in a model holding several (`model.adapters`); required there.
 
     Example:
     >>> lm = inject(load("smollm2-135m", task="causal_lm"), kind="bias", targets="mlp")
@@ -105,8 +107,14 @@ def control_from_examples(model, positive, negative, *, scale=1.0, dimension=0, 
     if not isinstance(model, InjectedModel):
         raise ValueError("control_from_examples: the model has no adapters to hold a control; call "
                          "`inject(model, kind='bias', targets=...)` first.")
-    splices = splices_of(model, "control_from_examples")
-    dim = model.injection.config.control_dim
+    adapters_by_name = model.adapters
+    if name is None and len(adapters_by_name) > 1:
+        raise ValueError(f"control_from_examples: this model holds several adapters {list(adapters_by_name)}; say which "
+                         "one gets the steering vector with `name=`.")
+    if name is not None and name not in adapters_by_name:
+        raise ValueError(f"control_from_examples: no adapter named {name!r}; the model holds {list(adapters_by_name)}.")
+    splices = splices_of(model, "control_from_examples", name if len(adapters_by_name) > 1 else None)
+    dim = (adapters_by_name[name] if name is not None else model.injection).config.control_dim
     if isinstance(dimension, bool) or not isinstance(dimension, int) or not 0 <= dimension < dim:
         raise ValueError(f"control_from_examples: `dimension` must be an integer from 0 to {dim - 1} "
                          f"(control_dim={dim}). Got dimension={dimension!r}.")

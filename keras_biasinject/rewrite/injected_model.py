@@ -13,6 +13,10 @@ object to a subclass made once per class, `Injected<Class>`, which adds:
   rebuilds the base from its config and redoes the splice, so `keras.models.load_model` restores
   the same layer tree and loads every weight by path;
 - `injection`: the report (matched paths, trainable and total parameters), printed by `summary()`;
+- several adapters (`inject` again with another `name`, or `load_adapter(..., name=...)`): one control,
+  the adapters' controls side by side; `adapters`, `control_layout`, `control_for` and `mix` (a
+  weighted mix of adapters, per row if wanted) address each; a control of the wrong width is refused
+  with the layout;
 - `named_controls`: control vectors stored under names (`"positive"`), saved with the model and with
   `save_adapter`, and accepted wherever a control is (`model({..., "control": ["positive", "off"]})`,
   `generate(..., control="positive")`).
@@ -38,6 +42,7 @@ from keras_biasinject.rewrite.config import InjectionConfig
 from keras_biasinject.rewrite.kerashub import backbone_of, with_tied_embeddings
 
 REGISTERED_NAME = "InjectedModel"
+DEFAULT_NAME = "default"  # the name of an adapter injected without one (as in inject.py)
 _classes = {}  # base class -> its Injected subclass
 
 
@@ -67,6 +72,14 @@ def check_finite_weights(model, where):
             "it diverged. Likely causes: a learning rate too high, or NaN/inf in the data or the control. Lower the "
             "learning rate or clean the data, and reload the weights (e.g. `load_adapter`) before using this model."
         )
+
+
+def _is_numbers(value):
+    """Numbers, a (nested) list of them or an array, not strings or dicts."""
+    try:
+        return np.asarray(value).dtype.kind in "fiu"
+    except (ValueError, TypeError):
+        return False
 
 
 def _is_names(control):
@@ -104,6 +117,116 @@ class InjectedModel:
             raise ValueError(f"add_control: control {name!r} must be finite. Got {vector!r}.")
         self.named_controls[name] = tuple(float(v) for v in values)
 
+    @property
+    def adapters(self):
+        """{name: InjectionReport} of the model's adapters, in injection order (the order of their parts of
+        the control)."""
+        several = getattr(self.injection, "adapters", None)
+        return dict(several) if several is not None else {self.injection.name: self.injection}
+
+    @property
+    def control_layout(self):
+        """{adapter name: (start, stop)}: the slice `control[..., start:stop]` each adapter reads."""
+        layout, start = {}, 0
+        for name, report in self.adapters.items():
+            layout[name] = (start, start + report.config.control_dim)
+            start += report.config.control_dim
+        return layout
+
+    def control_for(self, controls):
+        """The model's control with each named adapter at its given control and every other at its neutral.
+
+        `controls`: {adapter name: its control, `[its control_dim]` or `[batch, its control_dim]`}; or a
+        list of such dicts, one per row of a batch. Returns `[control_dim]` or `[batch, control_dim]` (numpy).
+
+        >>> model.control_for({"a": [1.0]})                         # adapter a on, b neutral
+        >>> model.control_for([{"a": [1.0]}, {"b": [1.0]}, {}])      # per row: a, b, none
+        """
+        if isinstance(controls, (list, tuple)):
+            rows = [self.control_for(row) for row in controls]
+            if not rows or any(row.ndim != 1 for row in rows):
+                raise ValueError("control_for: a list gives one dict per row of a batch, each naming vectors "
+                                 f"([control_dim] per adapter); got {len(rows)} row(s) of shapes {[r.shape for r in rows]}.")
+            return np.stack(rows)
+        self._check_adapter_names(controls, "control_for")
+        neutral = self._neutral_vector()
+        parts = []
+        for name, (start, stop) in self.control_layout.items():
+            if name not in controls:
+                parts.append(neutral[start:stop])
+                continue
+            part = np.asarray(controls[name], "float32") if _is_numbers(controls[name]) else None
+            if part is None or part.ndim not in (1, 2) or part.shape[-1] != stop - start or not np.all(np.isfinite(part)):
+                raise ValueError(
+                    f"control_for: adapter {name!r} reads {stop - start} value(s) (control[..., {start}:{stop}]); give it "
+                    f"finite numbers of shape [{stop - start}] or [batch, {stop - start}]. Got {str(controls[name])[:80]}."
+                )
+            parts.append(part)
+        rows = {p.shape[0] for p in parts if p.ndim == 2}
+        if len(rows) > 1:
+            raise ValueError(f"control_for: the per-row controls have different numbers of rows {sorted(rows)}; give each "
+                             "adapter one row per example of the same batch, or one vector for all.")
+        if rows:
+            batch = rows.pop()
+            parts = [np.broadcast_to(p, (batch, p.shape[-1])) for p in parts]
+        return np.concatenate(parts, axis=-1)
+
+    def mix(self, weights):
+        """The model's control that turns each named adapter to `weight` and leaves the others neutral.
+
+        `weights`: {adapter name: weight}, or a list of such dicts, one per row of a batch. Weight `w`
+        sets every entry of that adapter's control to `neutral + w`. With gate "control" every term an
+        adapter adds is linear in `c - neutral`, so its update at `w` is exactly `w` times its update at
+        `neutral + 1` (`w = 0` is off, 1 is on, 0.5 half): a mix adds the adapters' updates in those
+        proportions (LoRAX's `merged_adapters`, PEFT's `adapter_names` per row). With gate "always", the
+        adapter's plain LoRA update stays at `w = 0` and `w` scales only the control's change to it (the
+        gain `(c - neutral) U` and bias `(c - neutral) V`): it is not switched off.
+
+        >>> model.mix({"a": 0.7, "b": 0.3})                          # [control_dim]
+        >>> model.mix([{"a": 1.0}, {"b": 1.0}, {"a": 0.5, "b": 0.5}, {}])   # per row
+        """
+        if isinstance(weights, (list, tuple)):
+            return self.control_for([self._mix_controls(row) for row in weights])
+        return self.control_for(self._mix_controls(weights))
+
+    def _mix_controls(self, weights):
+        self._check_adapter_names(weights, "mix")
+        bad = {name: w for name, w in weights.items() if not is_finite_number(w)}
+        if bad:
+            raise ValueError(f"mix: each adapter's weight must be one finite number (0 off, 1 on). Got {bad}.")
+        layout, neutral = self.control_layout, self._neutral_vector()
+        return {name: neutral[layout[name][0]:layout[name][1]] + np.float32(w) for name, w in weights.items()}
+
+    def _neutral_vector(self):
+        """The neutral control as `[control_dim]` float32 (a config may give one float for all)."""
+        config = self.injection.config
+        return np.broadcast_to(np.asarray(config.neutral, "float32"), (config.control_dim,)).copy()
+
+    def _check_adapter_names(self, mapping, where):
+        if not isinstance(mapping, dict):
+            raise TypeError(f"{where}: expected a dict {{adapter name: value}} (or a list of them, one per row). "
+                            f"Got a {type(mapping).__name__}.")
+        unknown = [name for name in mapping if name not in self.control_layout]
+        if unknown:
+            layout = ", ".join(f"{n!r} -> control[..., {a}:{b}]" for n, (a, b) in self.control_layout.items())
+            raise ValueError(
+                f"{where}: unknown adapter(s) {unknown}. This model's adapters are {list(self.control_layout)} ({layout}); "
+                "name one of them, or add it first with `load_adapter(model, path, name=...)` or `inject(model, name=...)`."
+            )
+
+    def _check_control_width(self, control, where):
+        """With several adapters, the control must be as wide as their controls side by side."""
+        if getattr(self.injection, "adapters", None) is None:
+            return  # one adapter: its layers name a wrong width themselves
+        shape = tuple(control.shape) if hasattr(control, "shape") else np.shape(control)
+        layout = self.injection.config
+        if len(shape) == 0 or (shape[-1] is not None and shape[-1] != layout.control_dim):
+            raise ValueError(
+                f"{where} has shape {shape}, but this model's control has {layout.control_dim} values on its last axis: "
+                f"its adapters' controls side by side ({layout}). Build one with `model.control_for({{name: control}})` "
+                "or `model.mix({name: weight})`."
+            )
+
     def resolve_control(self, control):
         """A name -> its vector `[control_dim]`; a list of names -> `[batch, control_dim]`; else as is."""
         if not _is_names(control):
@@ -125,6 +248,7 @@ class InjectedModel:
             inputs = {**inputs, "control": self.resolve_control(inputs["control"])}
         _check_data_control(inputs, "call")
         if isinstance(inputs, dict) and inputs.get("control") is not None:
+            self._check_control_width(inputs["control"], "call: inputs['control']")
             self._check_control_rank(inputs["control"], "call: inputs['control']")
         if isinstance(inputs, dict) and isinstance(inputs.get("control"), (np.ndarray, list, tuple, float, int)):
             # Keras refuses a dict that mixes tensors (from a preprocessor) with arrays: match them.
@@ -218,10 +342,16 @@ class InjectedModel:
         backbone = base_config.get("backbone")
         if isinstance(backbone, dict) and backbone.get("registered_name") == f"keras_biasinject>{REGISTERED_NAME}":
             base_config["backbone"] = _plain(backbone["config"])  # the task's from_config re-injects it
+        adapters = self.adapters
+        first = next(iter(adapters.values()))
+        several = {} if list(adapters) == [DEFAULT_NAME] else {
+            "adapters": [[name, report.config.to_dict()] for name, report in adapters.items()]
+        }
         return {
             "base_class": keras.saving.get_registered_name(self._base_class),
             "base_config": base_config,
-            "injection": self.injection.config.to_dict(),
+            "injection": first.config.to_dict(),  # the first adapter's; "adapters" lists each, with its name
+            **several,
             "named_controls": {name: list(v) for name, v in self.named_controls.items()},
             "feedback_head": None if self.feedback_head is None else keras.saving.serialize_keras_object(self.feedback_head),
         }
@@ -234,7 +364,8 @@ class InjectedModel:
         if base_class is None:
             raise ValueError(f"Cannot load an injected {config['base_class']}: that class is not importable here.")
         base = base_class.from_config(config["base_config"])
-        model = inject(base, InjectionConfig.from_dict(config["injection"]))
+        for name, injection in config.get("adapters") or [[DEFAULT_NAME, config["injection"]]]:
+            model = base = inject(base, InjectionConfig.from_dict(injection), name=name)
         for name, vector in config.get("named_controls", {}).items():
             model.add_control(name, vector)
         if config.get("feedback_head") is not None:
@@ -317,6 +448,7 @@ class InjectedCausalLM(InjectedModel):
         control = self.resolve_control(control)
         check_finite_control(control, "generate")
         if control is not None:
+            self._check_control_width(control, "generate: control")
             self._check_control_rank(control, "generate: control")
         # The control travels in a thread-local slot that the generate function below reads, so that
         # threads generating with different controls on one model never share or swap anything.

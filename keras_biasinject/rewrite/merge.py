@@ -12,13 +12,14 @@ import numpy as np
 from keras import ops
 
 from keras_biasinject.rewrite.feedback import remove_feedback_head
-from keras_biasinject.rewrite.inject import swap_layer
+from keras_biasinject.rewrite.inject import set_report, swap_layer
 from keras_biasinject.rewrite.injected_model import InjectedModel
 
 
-def splices_of(model, caller):
-    """The `(Target, adapter)` pairs `inject` spliced into `model`, in splice order; `caller` names the
-    function in the error raised for a model `inject` did not return."""
+def splices_of(model, caller, name=None):
+    """The `(Target, adapter)` pairs `inject` spliced into `model`, in splice order (only those of the
+    adapter `name` when given); `caller` names the function in the error raised for a model `inject`
+    did not return."""
     if not isinstance(model, InjectedModel):
         raise ValueError(f"{caller}: expected a model returned by `inject`; got a plain {type(model).__name__}.")
     undo = getattr(model, "_kbi_undo", None)
@@ -27,7 +28,9 @@ def splices_of(model, caller):
             f"{caller}: this {type(model).__name__} is the backbone of an injected task; call "
             f"`{caller}` on the task that `inject` returned."
         )
-    return undo.splices
+    if name is None:
+        return undo.splices
+    return [splice for step in undo.steps if step.name == name for splice in step.splices]
 
 
 def _fixed_control(model, control):
@@ -47,9 +50,10 @@ def _fixed_control(model, control):
 
 
 def _merged_values(adapter, control):
-    """{id(base variable): merged value} for one adapter at `control`, without changing the adapter."""
+    """{id(base variable): merged value} for one adapter at `control` (the model's, of which the adapter
+    reads its part), without changing the adapter."""
     base = adapter.base_layer
-    kernel, bias, offset = adapter.merged_weights(control)
+    kernel, bias, offset = adapter.merged_weights(adapter.own_control(control))
     if offset is not None and np.any(ops.convert_to_numpy(offset) != 0):
         raise ValueError(
             f"merge: layer '{base.path}' has no bias over its outputs, so the control's bias term "
@@ -82,6 +86,7 @@ def merge(model, control=None):
     Args:
         model: a model returned by `inject`.
         control: one control vector `[control_dim]` or a stored name; default: the neutral control.
+            With several adapters: the combined control, e.g. `model.mix({"a": 0.7, "b": 0.3})`.
 
     Example:
     >>> positive = merge(lm, "positive")      # a plain GPT2CausalLM
@@ -100,8 +105,12 @@ def merge(model, control=None):
     if merged_adapters:
         raise ValueError(f"merge: adapter {merged_adapters[0]!r} is merged by hand; call its `unmerge()` first.")
     overrides = {}
-    for _, adapter in splices:
-        overrides.update(_merged_values(adapter, control))
+    for _, adapter in splices:  # several adapters on one layer: the first's merged value plus the others' updates
+        for key, value in _merged_values(adapter, control).items():
+            if key in overrides:
+                original = ops.convert_to_numpy(next(v for v in adapter.base_layer.weights if id(v) == key))
+                value = overrides[key] + (value - original)
+            overrides[key] = value
 
     plain = model._base_class.from_config(model.get_config()["base_config"])
     source = _base_weights(model, splices)
@@ -118,8 +127,9 @@ def merge(model, control=None):
 
 def remove(model):
     """Undoes `inject` in place and returns the base model: same layers, class, trainable flags and
-    outputs as before `inject` (bit for bit). Trained adapter weights (and a feedback head) are
-    discarded: save them first with `save_adapter` if you want them back."""
+    outputs as before `inject` (bit for bit). Every adapter goes (a model with several loses them all).
+    Trained adapter weights (and a feedback head) are discarded: save them first with `save_adapter`
+    if you want them back."""
     splices = splices_of(model, "remove")
     merged = [a.path for _, a in splices if a.merged]
     if merged:
@@ -128,16 +138,36 @@ def remove(model):
         remove_feedback_head(model)  # discarded with the adapters
     for target, adapter in reversed(splices):
         swap_layer(target.parent, target.attr, adapter, target.layer)
-    variables, layers = model._kbi_undo.trainable_before
+    _restore_trainable(model._kbi_undo.trainable_before)
+    backbone = model.backbone if isinstance(model, keras_hub.models.Task) else model
+    for obj in {id(model): model, id(backbone): backbone}.values():
+        obj.__class__ = obj._base_class
+        for attr in ("injection", "_kbi_undo", "_kbi_control_input"):
+            obj.__dict__.pop(attr, None)
+    if getattr(model, "generate_function", None) is not None:
+        model.generate_function = None  # compiled with the adapters: recompile on next generate
+    return model
+
+
+def _restore_trainable(trainable_before):
+    variables, layers = trainable_before
     for layer, trainable in layers:  # layers first: setting a layer's flag resets its variables'
         layer.trainable = trainable
     for variable, trainable in variables:
         variable.trainable = trainable
-    backbone = model.backbone if isinstance(model, keras_hub.models.Task) else model
-    for obj in {id(model): model, id(backbone): backbone}.values():
-        obj.__class__ = obj._base_class
-        for attr in ("injection", "_kbi_undo"):
-            obj.__dict__.pop(attr, None)
+
+
+def remove_last_adapter(model):
+    """Undoes the last `inject` call in place (the model keeps the adapters before it; with only one,
+    as `remove`) and returns the model. `load_adapter` uses it to leave a model as it was on error."""
+    undo = getattr(model, "_kbi_undo", None)
+    if undo is None or len(undo.steps) == 1:
+        return remove(model)
+    step = undo.steps.pop()
+    for target, adapter in reversed(step.splices):
+        swap_layer(target.parent, target.attr, adapter, target.layer)
+    _restore_trainable(step.trainable_before)
+    set_report(model, step.report_before)
     if getattr(model, "generate_function", None) is not None:
-        model.generate_function = None  # compiled with the adapters: recompile on next generate
+        model.generate_function = None
     return model
