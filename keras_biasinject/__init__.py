@@ -12,6 +12,8 @@ Public API:
 - `control_from_examples`: a steering vector from contrastive examples, as the control's weights.
 - `save_adapter` / `load_adapter`: only the new weights, the config and the named controls.
 - `merge`: a plain KerasHub model with one control folded in; `remove`: the base model back, exactly.
+- `load_peft_adapter` / `export_peft`: Hugging Face PEFT LoRA folders in and out.
+- `load_control_vector` / `export_control_vector` / `read_control_vector`: llama.cpp control vectors (GGUF).
 - `load`: real pretrained checkpoints (built-in names, GGUF files, Hugging Face folders, presets).
 - `DataConfig` / `make_dataset` / `load_dataset`: `tf.data` pipelines with a control per example.
 - `Recipe` / `load_recipe` / `finetune`: runs against the control groups, with a report.
@@ -25,8 +27,8 @@ import importlib
 # so that `keras.models.load_model` finds them after `import keras_biasinject`.
 from keras_biasinject.layers import BiasInjectDense, DecayFeedback, FeedbackHead, LoRABiasAdapter, control_scope
 from keras_biasinject.rewrite import (
-    InjectionConfig, InjectionReport, add_feedback_head, control_from_examples, inject, load_adapter, merge, remove,
-    remove_feedback_head, save_adapter,
+    InjectionConfig, InjectionReport, add_feedback_head, control_from_examples, export_control_vector, export_peft, inject,
+    load_adapter, load_control_vector, load_peft_adapter, merge, read_control_vector, remove, remove_feedback_head, save_adapter,
 )
 
 # The rest is imported on first use (PEP 562): loading models, data and recipes pulls in more.
@@ -62,6 +64,7 @@ __all__ = sorted(
         "BiasInjectDense", "DecayFeedback", "FeedbackHead", "InjectionConfig", "InjectionReport", "LoRABiasAdapter", "control_scope",
         "add_feedback_head", "control_from_examples", "remove_feedback_head",
         "inject", "load_adapter", "merge", "remove", "save_adapter", "__version__",
+        "export_control_vector", "export_peft", "load_control_vector", "load_peft_adapter", "read_control_vector",
     ]
     + list(_EXPORTS)
 )
