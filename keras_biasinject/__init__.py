@@ -25,6 +25,7 @@ import importlib
 
 # The layers and the injected model class are imported now: they register themselves with Keras,
 # so that `keras.models.load_model` finds them after `import keras_biasinject`.
+import keras_biasinject.models.pooling  # noqa: F401  (registers the mean-pooling classifier for load_model)
 from keras_biasinject.layers import BiasInjectDense, DecayFeedback, FeedbackHead, LoRABiasAdapter, control_scope
 from keras_biasinject.rewrite import (
     InjectionConfig, InjectionReport, add_feedback_head, control_from_examples, export_control_vector, export_peft, inject,

@@ -14,6 +14,10 @@ works around three KerasHub 0.32 pitfalls for Llama checkpoints in Hugging Face 
 - its BERT tokenizer keeps accents that Hugging Face's strips when lowercasing ("Café" becomes
   [UNK] instead of "cafe"): `strip_accents` is passed on as `tokenizer_config.json` implies;
 - a Llama 3 preset written with `save_to_preset` fails to reload: save weights, not presets.
+
+Classifiers read the text as the checkpoint was trained to: `pooling=None` takes the pooling a
+sentence-transformers folder names in `1_Pooling/config.json` (mean for all-MiniLM-L6-v2), and
+KerasHub's own pooled [CLS] output otherwise; `pooling="cls"` or `"mean"` chooses (models/pooling.py).
 """
 
 import json
@@ -24,6 +28,7 @@ import keras_hub
 
 from keras_biasinject.layers.checks import check_positive_int
 from keras_biasinject.models.gguf_cache import converted_gguf
+from keras_biasinject.models.pooling import POOLINGS, MeanPooledTextClassifier, checkpoint_pooling
 from keras_biasinject.models.registry import BUILTIN_MODELS, builtin_preset
 
 TASKS = (None, "causal_lm", "classifier")
@@ -33,7 +38,7 @@ _RMS_EPS_IGNORED = ("llama",)
 _WORDPIECE_ACCENTS = ("bert", "distilbert")
 
 
-def load(spec, task=None, *, num_classes=None, sequence_length=None, dtype=None, **backbone_kwargs):
+def load(spec, task=None, *, num_classes=None, sequence_length=None, dtype=None, pooling=None, **backbone_kwargs):
     """Load a pretrained checkpoint as a KerasHub backbone, `CausalLM` or `TextClassifier`.
 
     Args:
@@ -45,6 +50,10 @@ def load(spec, task=None, *, num_classes=None, sequence_length=None, dtype=None,
         sequence_length: the preprocessor's packed length; None keeps KerasHub's default (1024
             for causal LMs, 512 for BERT classifiers). Only used with a task.
         dtype: the backbone's dtype policy, e.g. "float32" or "bfloat16"; None keeps the default.
+        pooling: task="classifier" only: how the head reads the text. "cls": KerasHub's own classifier
+            (its pooled [CLS] output); "mean": the mean of the sequence output over non-padding tokens
+            (`MeanPooledTextClassifier`); None: the checkpoint's own (`checkpoint_pooling`: "mean" for a
+            sentence-transformers folder trained with mean pooling), else "cls".
         **backbone_kwargs: passed on to the backbone's constructor (e.g. `dropout=0.1`).
 
     Returns:
@@ -55,7 +64,7 @@ def load(spec, task=None, *, num_classes=None, sequence_length=None, dtype=None,
         >>> lm.generate("The capital of France is", max_length=16)
         >>> clf = load("minilm-l6", task="classifier", num_classes=2, sequence_length=128)
     """
-    _check_arguments(spec, task, num_classes, sequence_length)
+    _check_arguments(spec, task, num_classes, sequence_length, pooling)
     preset = resolve_preset(spec)
     hf_config = _hf_config(preset)
     if dtype is not None:
@@ -73,13 +82,42 @@ def load(spec, task=None, *, num_classes=None, sequence_length=None, dtype=None,
     if task == "causal_lm":
         task_cls = _task_class(keras_hub.models.CausalLM, backbone, spec, task)
         preprocessor = keras_hub.models.CausalLMPreprocessor.from_preset(preset, **preprocessor_kwargs)
-        if _tokenizer_config(preset).get("add_bos_token") is False:
+        tokenizer_config = _tokenizer_config(preset)
+        if tokenizer_config.get("add_bos_token") is False:
             _drop_start_token(preprocessor)
+        if tokenizer_config.get("chat_template"):  # prompt/response data render through it (data/chat.py)
+            preprocessor.tokenizer.chat_template = tokenizer_config["chat_template"]
         return task_cls(backbone=backbone, preprocessor=preprocessor)
     task_cls = _task_class(keras_hub.models.TextClassifier, backbone, spec, task)
+    if (pooling or checkpoint_pooling(preset) or "cls") == "mean":
+        task_cls = MeanPooledTextClassifier
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, **preprocessor_kwargs)
     head = {"dropout": backbone_kwargs["dropout"]} if "dropout" in backbone_kwargs else {}  # the same rate for the head
     return task_cls(backbone=backbone, preprocessor=preprocessor, num_classes=num_classes, **head)
+
+
+def pooling_of(classifier):
+    """How `classifier` reads a text: "mean" (`MeanPooledTextClassifier`) or "cls" (KerasHub's own)."""
+    return "mean" if isinstance(classifier, MeanPooledTextClassifier) else "cls"
+
+
+def with_pooling(classifier, pooling):
+    """`classifier` (a `TextClassifier` as `load` makes it, not injected) with the head reading the text
+    by `pooling` ("cls" or "mean"): a new classifier over the same backbone and preprocessor, with a new
+    head; `classifier` itself when it already pools so. Inject after choosing the pooling."""
+    _check_pooling(pooling, "classifier")
+    if pooling_of(classifier) == pooling:
+        return classifier
+    if type(classifier).__name__.startswith("Injected"):
+        raise ValueError(f"with_pooling: this {type(classifier).__name__} is injected; choose the pooling first "
+                         "(load(..., pooling=...)), then inject.")
+    if pooling == "mean":
+        task_cls = MeanPooledTextClassifier
+    else:
+        task_cls = _task_class(keras_hub.models.TextClassifier, classifier.backbone, type(classifier.backbone).__name__,
+                               "classifier")
+    return task_cls(backbone=classifier.backbone, preprocessor=classifier.preprocessor,
+                    num_classes=classifier.num_classes, dropout=classifier.dropout)
 
 
 def resolve_preset(spec):
@@ -109,7 +147,17 @@ def resolve_preset(spec):
     return spec
 
 
-def _check_arguments(spec, task, num_classes, sequence_length):
+def _check_pooling(pooling, task):
+    if pooling is None:
+        return
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}. Use None for the checkpoint's own pooling.")
+    if task != "classifier":
+        raise ValueError(f"pooling={pooling!r} is a classifier setting; got task={task!r}. Pass task='classifier', "
+                         "or drop pooling.")
+
+
+def _check_arguments(spec, task, num_classes, sequence_length, pooling):
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a string or path; got {type(spec).__name__}: {spec!r}.")
     if task not in TASKS:
@@ -121,6 +169,7 @@ def _check_arguments(spec, task, num_classes, sequence_length):
             )
     elif num_classes is not None:
         raise ValueError(f"num_classes={num_classes!r} is only used with task='classifier'; got task={task!r}.")
+    _check_pooling(pooling, task)
     if sequence_length is not None:
         check_positive_int(sequence_length, "sequence_length", "load", allow_none=True)
         if task is None:

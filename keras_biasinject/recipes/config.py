@@ -3,10 +3,10 @@
 A recipe is a TOML (or YAML) file with four tables, each a small dataclass below:
 
     task = "classification"          # or "causal_lm"
-    [model]   spec, sequence_length, num_classes
+    [model]   spec, sequence_length, num_classes, dropout, pooling ("auto": the checkpoint's own)
     [data]    path or TFDS name, columns, control mapping       -> keras_biasinject.data.DataConfig
     [inject]  targets, rank, gate, ...                          -> keras_biasinject.InjectionConfig
-    [train]   epochs, batch size, learning rate, methods, ...
+    [train]   epochs, batch size, learning rate, methods, class_weight ("balanced" or {label: weight}), ...
     [feedback] the feedback head (method "feedback_head", causal_lm): pooling, activation, ...
 
 Unknown keys and bad values raise `ValueError` naming the table, the key and what is allowed; so do NaN
@@ -45,6 +45,7 @@ class ModelConfig:
     sequence_length: int = 128  # tokens per example, after truncation and padding
     num_classes: Optional[int] = None  # classification only; None: the number of labels in the data
     dropout: Optional[float] = None  # None: the checkpoint's rate; else the backbone's (and classifier head's)
+    pooling: str = "auto"  # classification: "auto" (the checkpoint's own: mean for sentence-transformers), "cls", "mean"
 
 
 @dataclasses.dataclass
@@ -59,6 +60,7 @@ class TrainConfig:
     patience: int = 2  # early stopping on validation loss, in epochs
     seed: int = 0  # data order, initial adapter weights and validation split
     save_freq: Union[str, int] = "epoch"  # backups: "epoch"; or every N steps, resumed at that exact step
+    class_weight: Union[None, str, dict] = None  # classification: "balanced", or {label: weight} (others 1.0); None: all 1
 
 
 @dataclasses.dataclass
@@ -84,6 +86,7 @@ class FeedbackConfig:
     learning_rate: float = 1e-3  # peak of the same schedule as [train]'s
 
 
+POOLING_CHOICES = ("auto", "cls", "mean")  # [model] pooling
 MAX_COUNT = 2**31 - 1  # the largest count (epochs, steps, examples, tokens) a recipe takes: TensorFlow's int32
 
 
@@ -174,6 +177,44 @@ class Recipe:
         self._check_feedback(methods)
         self._check_numbers()
         self._check_steer()
+        self._check_classification()
+
+    def _check_classification(self):
+        """[model] pooling and [train] class_weight: values, and only for task='classification'."""
+        pooling = self.model.pooling
+        if pooling not in POOLING_CHOICES:
+            raise ValueError(f"recipe: [model] pooling must be one of {list(POOLING_CHOICES)}. Got pooling={describe(pooling)}.")
+        if self.task != "classification" and pooling != "auto":
+            raise ValueError(f"recipe: [model] pooling={pooling!r} is for task='classification' (how the classifier "
+                             "reads a text); remove it for 'causal_lm'.")
+        weight = self.train.class_weight
+        if weight is None:
+            return
+        if self.task != "classification":
+            raise ValueError(f"recipe: `train.class_weight` = {describe(weight)} weights the classes of a classifier; "
+                             f"task={self.task!r} has none. Remove train.class_weight.")
+        if isinstance(weight, str):
+            if weight != "balanced":
+                raise ValueError(f"recipe: `train.class_weight` = {weight!r} is not a known weighting. Use \"balanced\" "
+                                 "(n_examples / (n_classes * count) per class), a mapping {label: weight}, or leave it out.")
+            return
+        if not isinstance(weight, dict) or not weight:
+            raise ValueError(f"recipe: `train.class_weight` = {describe(weight)} must be \"balanced\" or a non-empty "
+                             "mapping {label: weight}, e.g. {great = 1.0, other = 2.0}.")
+        bad = {k: v for k, v in weight.items()
+               if isinstance(v, bool) or not is_finite_number(v) or not isinstance(v, (int, float, np.number)) or v < 0}
+        if bad:
+            raise ValueError(f"recipe: `train.class_weight` = {describe(weight)}: the weight(s) {describe(bad)} are not "
+                             "finite numbers >= 0. Give each label a finite weight >= 0 (1.0 is the unweighted loss).")
+        if not any(v > 0 for v in weight.values()):
+            raise ValueError(f"recipe: `train.class_weight` = {describe(weight)}: every weight is 0, so nothing would "
+                             "train. Give at least one label a weight > 0.")
+        labels = _class_names(self.data)
+        unknown = [k for k in weight if str(k) not in labels] if labels is not None else []
+        if unknown:
+            raise ValueError(f"recipe: `train.class_weight` = {describe(weight)} names unknown label(s) {unknown}. "
+                             f"The labels (from [data] label_names or control_map) are {labels}: use those.")
+        self.train.class_weight = {str(k): float(v) for k, v in weight.items()}
 
     def _check_feedback(self, methods):
         from keras_biasinject.layers.feedback_head import ACTIVATIONS, POOLINGS
@@ -250,6 +291,36 @@ class Recipe:
             "steer": dataclasses.asdict(self.steer),
             "feedback": None if self.feedback is None else dataclasses.asdict(self.feedback),
         }
+
+
+def _class_names(data):
+    """The labels of a recipe's [data] table in class id order (as DataConfig.class_names), or None."""
+    names = data.get("label_names") if isinstance(data, dict) else None
+    if names is None and isinstance(data, dict) and isinstance(data.get("control_map"), dict):
+        names = list(data["control_map"])
+    return None if names is None else [str(n) for n in names]
+
+
+def class_weights(recipe, train_labels):
+    """{class id: weight} for `model.fit(class_weight=...)` from `[train] class_weight`, or None.
+
+    `train_labels`: the class ids of the training examples. "balanced" gives class c the weight
+    n / (n_classes * count_c) (scikit-learn's formula; n_classes from [model] num_classes or the data);
+    a mapping gives each named label its weight and every other class 1.0."""
+    weight = recipe.train.class_weight
+    if weight is None:
+        return None
+    labels = np.asarray(train_labels).reshape(-1)
+    names = _class_names(recipe.data) or []
+    n_classes = recipe.model.num_classes or len(names) or int(labels.max()) + 1
+    if weight == "balanced":
+        counts = np.bincount(labels, minlength=n_classes)
+        empty = [names[c] if c < len(names) else c for c in np.flatnonzero(counts == 0)]
+        if empty:
+            raise ValueError(f"recipe: `train.class_weight` = 'balanced' needs training examples of every class; "
+                             f"class(es) {empty} have none. Give a mapping {{label: weight}} instead, or add examples.")
+        return {c: float(len(labels) / (n_classes * counts[c])) for c in range(n_classes)}
+    return {c: float(weight.get(names[c], 1.0)) if c < len(names) else 1.0 for c in range(n_classes)}
 
 
 def _read(path):

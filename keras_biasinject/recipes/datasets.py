@@ -105,6 +105,24 @@ def score(model, recipe, ds):
     return "perplexity", float(math.exp(values["loss"]))
 
 
+def labels_and_predictions(model, ds):
+    """(class ids `[n]`, predicted class ids `[n]`) of a classifier on `ds`, batch by batch in order.
+
+    The model is called eagerly per batch (not `predict`): the labels travel with their inputs, and it
+    runs the same under any strategy or backend."""
+    labels, predictions = [], []
+    for x, y, *_ in ds:
+        logits = model(x, training=False)  # (B, num_classes)
+        labels.append(np.asarray(y).reshape(-1))
+        predictions.append(np.argmax(keras.ops.convert_to_numpy(logits), axis=-1))
+    return np.concatenate(labels), np.concatenate(predictions)
+
+
+def train_labels(ds):
+    """The class ids of every example in a (tokenized, batched) classification split."""
+    return np.concatenate([np.asarray(y).reshape(-1) for _, y, *_ in ds])
+
+
 def compile_for_recipe(model, optimizer="adam"):
     """Compiles `model` with the loss and the one accuracy metric every recipe method uses (and that
     `score` reads): classifier logits over classes, or LM logits over the vocabulary."""

@@ -24,12 +24,15 @@ from keras_biasinject.distribute.backup import AtomicBackupAndRestore
 from keras_biasinject.distribute.resume import fit_resumable
 from keras_biasinject.distribute.strategy import is_chief, make_strategy, per_replica_batch
 from keras_biasinject.distribute.workarounds import keras_fixes
-from keras_biasinject.recipes.config import Recipe
+from keras_biasinject.models.load import pooling_of, resolve_preset, with_pooling
+from keras_biasinject.models.pooling import checkpoint_pooling
+from keras_biasinject.recipes.config import Recipe, class_weights
 from keras_biasinject.recipes.feedback_head import run_feedback_head
-from keras_biasinject.recipes.datasets import compile_for_recipe, control_vector, score, split_dataset, with_control
+from keras_biasinject.recipes.datasets import (compile_for_recipe, control_vector, data_config, labels_and_predictions, score,
+                                               split_dataset, train_labels, with_control)
 from keras_biasinject.recipes.divergence import NonFiniteGuard, TrainingDiverged
 from keras_biasinject.recipes.methods import PREPARE
-from keras_biasinject.recipes.report import read_report, write_plots
+from keras_biasinject.recipes.report import classification_metrics, read_report, write_plots
 from keras_biasinject.recipes.run_folder import base_model
 from keras_biasinject.recipes.steering import steering_curve
 from keras_biasinject.rewrite.adapter_file import save_adapter
@@ -67,20 +70,21 @@ def _callbacks(recipe, run_dir, method):
 
 def _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy, verbose):
     """`model.fit` with backups: per epoch (Keras' BackupAndRestore, made atomic, in `run_dir`), or every
-    `save_freq` steps (`fit_resumable`: a killed run resumes at exactly the step of its last backup).
-    Returns (history dict, the step resumed from)."""
+    `save_freq` steps (`fit_resumable`: a killed run resumes at exactly the step of its last backup), and
+    `[train] class_weight` as Keras' `class_weight`. Returns (history dict, the step resumed from)."""
     callbacks = _callbacks(recipe, run_dir, method)
+    weights = class_weights(recipe, train_labels(train)) if recipe.train.class_weight is not None else None
     try:
         with keras_fixes():  # multi-worker fit: keras-team/keras#20329, tensorflow/tensorflow#72388
             if recipe.train.save_freq == "epoch":
                 backup = AtomicBackupAndRestore(str(run_dir / "backup" / method))  # each worker its own
                 fit = model.fit(train, validation_data=validation, epochs=recipe.train.epochs,
-                                callbacks=[backup, *callbacks], verbose=verbose)
+                                callbacks=[backup, *callbacks], verbose=verbose, class_weight=weights)
                 histories, resumed = [fit.history], None
             else:
                 histories, resumed = fit_resumable(model, train, recipe.train.epochs, str(backup_dir), recipe.train.save_freq,
                                                    chief=is_chief(strategy), callbacks=callbacks, validation_data=validation,
-                                                   verbose=verbose)
+                                                   verbose=verbose, class_weight=weights)
     except TrainingDiverged:  # the next run starts this method afresh, not from NaN weights
         shutil.rmtree(run_dir / "backup" / method, ignore_errors=True)  # this worker's epoch backup
         if is_chief(strategy):
@@ -99,15 +103,37 @@ def _write_json(path, data):
     os.replace(tmp, path)
 
 
+def _base_model(recipe):
+    """A fresh base (`run_folder.base_model`); a classifier with `[model] pooling` when that is not "auto"."""
+    model = base_model(recipe, dropout=recipe.model.dropout)
+    if recipe.task == "classification" and recipe.model.pooling != "auto":
+        model = with_pooling(model, recipe.model.pooling)
+    return model
+
+
 def _prepared_model(recipe, method, strategy):
     """A fresh base, prepared for `method`, created in the strategy's scope."""
     with strategy.scope():
-        return PREPARE[method](base_model(recipe, dropout=recipe.model.dropout), recipe)
+        return PREPARE[method](_base_model(recipe), recipe)
 
 
 def _result_row(method, metric, value, trainable, seconds, injected):
     return {"method": method, "metric": metric, "value": value, "trainable_params": trainable,
             "seconds": round(seconds, 1), "base_weights_unchanged": True if injected else None}
+
+
+def _scored_row(model, recipe, method, ds, trainable, seconds, injected):
+    """The result row of `model` on `ds`; for classification with the majority baseline, macro-F1,
+    per-class recall and predictions per class beside accuracy (`classification_metrics`), and a printed
+    WARNING line when the method learned nothing beyond answering the majority class."""
+    row = _result_row(method, *score(model, recipe, ds), trainable, seconds, injected)
+    if recipe.task != "classification":
+        return row
+    metrics = classification_metrics(*labels_and_predictions(model, ds), data_config(recipe).class_names)
+    row.update({"pooling": pooling_of(model), **{k: v for k, v in metrics.items() if k != "accuracy"}})
+    if row["learned_nothing"]:
+        print(f"WARNING: {method}: {row['warning']}", flush=True)
+    return row
 
 
 def run_method(recipe, method, run_dir, verbose=1, strategy=None, backup_dir=None):
@@ -155,13 +181,13 @@ def _run_method(recipe, method, run_dir, verbose, strategy, backup_dir):
         if injected and frozen.changed(model):
             raise RuntimeError(f"{method}: frozen base weight {frozen.changed(model)[0]!r} changed during training; "
                                "this is a bug, please report it.")
-        rows = [_result_row(method, *score(model, recipe, test), trainable, seconds, injected)]
+        rows = [_scored_row(model, recipe, method, test, trainable, seconds, injected)]
         if resumed:
             rows[0]["resumed_from_step"] = resumed
         if injected and recipe.task == "classification":
             # The run-time switch: the same trained model with the learned behaviour switched off.
-            off = score(model, recipe, with_control(test, control_vector(recipe)))
-            rows.append(_result_row(f"{method} (control off)", *off, trainable, 0.0, injected))
+            off = with_control(test, control_vector(recipe))
+            rows.append(_scored_row(model, recipe, f"{method} (control off)", off, trainable, 0.0, injected))
     return rows, history, model
 
 
@@ -185,6 +211,16 @@ def _start_report(recipe, run_dir):
             f"finetune: {str(run_dir)!r} holds the report of a different recipe; it is never overwritten. "
             "Choose another output folder, or delete that one."
         )
+    if recipe.task == "classification":
+        pooling = recipe.model.pooling if recipe.model.pooling != "auto" else checkpoint_pooling(resolve_preset(recipe.model.spec))
+        earlier = {row.get("pooling", "cls") for row in previous["results"]}  # rows from before pooling was recorded: cls
+        if earlier - {pooling or "cls"}:
+            raise ValueError(
+                f"finetune: {str(run_dir)!r} holds results of classifiers with {sorted(earlier)} pooling, and this run's "
+                f"[model] pooling={recipe.model.pooling!r} gives {pooling or 'cls'!r} (reports without a pooling field were "
+                "written before it could be chosen, with KerasHub's [CLS] pooling). Choose another output folder, or set "
+                "[model] pooling to match."
+            )
     return previous  # the same run, interrupted: keep what finished
 
 

@@ -1,8 +1,62 @@
-"""Plots and the results table of a recipe run (`report.json` is written by `finetune`), and
-reading a `report.json` back."""
+"""Plots and the results table of a recipe run (`report.json` is written by `finetune`), reading a
+`report.json` back, and the classification metrics beside accuracy (majority baseline, macro-F1,
+per-class recall) with the warning for a classifier that learned nothing beyond the majority class."""
 
 import json
 from pathlib import Path
+
+import numpy as np
+
+
+def classification_metrics(labels, predictions, class_names=None):
+    """What a classifier's accuracy means on this split: a dict of
+
+    - `accuracy`: share of predictions equal to the label;
+    - `majority_baseline`: the accuracy of always answering the split's most frequent label, and
+      `majority_class`, that label;
+    - `macro_f1`: the unweighted mean over classes of 2 P R / (P + R) (0 where P + R = 0), over the
+      classes that occur in the labels or the predictions (as scikit-learn's `f1_score(average="macro")`);
+    - `per_class_recall`: {class: share of its examples predicted as it} (None for a class without any);
+    - `predicted`: {class: how many examples were predicted as it};
+    - `learned_nothing` (and `warning` when true): see `learned_nothing`.
+
+    `labels`, `predictions`: class ids `[n]`; `class_names`: their names in class id order (None: ids)."""
+    labels = np.asarray(labels).reshape(-1).astype(int)
+    predictions = np.asarray(predictions).reshape(-1).astype(int)
+    if labels.shape != predictions.shape or labels.size == 0:
+        raise ValueError(f"classification_metrics: labels and predictions must be two non-empty lists of the same length. "
+                         f"Got {labels.size} labels and {predictions.size} predictions.")
+    size = max(len(class_names or []), int(labels.max()) + 1, int(predictions.max()) + 1)
+    names = [str(n) for n in class_names] if class_names else []
+    names += [str(c) for c in range(len(names), size)]
+    true = np.bincount(labels, minlength=size)  # examples of each class
+    guessed = np.bincount(predictions, minlength=size)  # predictions of each class
+    hits = np.bincount(labels[labels == predictions], minlength=size)  # true positives of each class
+    f1 = [2 * hits[c] / (true[c] + guessed[c]) for c in range(size) if true[c] + guessed[c] > 0]  # = 2PR/(P+R)
+    metrics = {
+        "accuracy": float(hits.sum() / labels.size),
+        "majority_baseline": float(true.max() / labels.size),
+        "majority_class": names[int(true.argmax())],
+        "macro_f1": float(np.mean(f1)),
+        "per_class_recall": {names[c]: (float(hits[c] / true[c]) if true[c] else None) for c in range(size)},
+        "predicted": {names[c]: int(guessed[c]) for c in range(size)},
+    }
+    metrics["learned_nothing"] = learned_nothing(metrics, labels.size)
+    if metrics["learned_nothing"]:
+        top = max(metrics["predicted"], key=metrics["predicted"].get)
+        metrics["warning"] = (
+            f"accuracy {metrics['accuracy']:.4f} is within one example of the majority baseline "
+            f"{metrics['majority_baseline']:.4f} ({metrics['majority_class']!r} every time) and "
+            f"{metrics['predicted'][top]} of {labels.size} predictions are {top!r}: it learned nothing beyond answering the "
+            "majority class. Try train.class_weight = \"balanced\", more epochs or a higher learning rate.")
+    return metrics
+
+
+def learned_nothing(metrics, n):
+    """True when the accuracy is within one example (1/n) of the majority baseline and (nearly) every
+    prediction is one class: all but at most max(1, n // 100) of the `n` examples."""
+    near_majority = abs(metrics["accuracy"] - metrics["majority_baseline"]) <= 1.0 / n + 1e-12
+    return bool(near_majority and max(metrics["predicted"].values()) >= n - max(1, n // 100))
 
 
 def read_report(path):
@@ -24,12 +78,21 @@ def read_report(path):
 
 
 def results_table(report):
-    """The results as a Markdown table, one row per method."""
-    lines = ["| method | metric | value | trainable params | seconds |", "|---|---|---|---|---|"]
-    for row in report["results"]:
-        lines.append(
-            f"| {row['method']} | {row['metric']} | {row['value']:.4f} | {row['trainable_params']:,} | {row['seconds']:.1f} |"
-        )
+    """The results as a Markdown table, one row per method; classification adds the majority baseline,
+    macro-F1 and per-class recall, and a warning line under the table for each method that learned
+    nothing beyond the majority class."""
+    rows = report["results"]
+    extra = any("macro_f1" in row for row in rows)
+    head = "| method | metric | value | majority baseline | macro-F1 | recall per class |" if extra else "| method | metric | value |"
+    lines = [head + " trainable params | seconds |", "|---" * (head.count("|") + 1) + "|"]
+    for row in rows:
+        cells = f"| {row['method']} | {row['metric']} | {row['value']:.4f} |"
+        if extra:
+            recall = ", ".join(f"{name} {'-' if r is None else f'{r:.2f}'}" for name, r in row.get("per_class_recall", {}).items())
+            majority, f1 = row.get("majority_baseline"), row.get("macro_f1")
+            cells += f" {'' if majority is None else f'{majority:.4f}'} | {'' if f1 is None else f'{f1:.4f}'} | {recall} |"
+        lines.append(f"{cells} {row['trainable_params']:,} | {row['seconds']:.1f} |")
+    lines += [f"WARNING: {row['method']}: {row['warning']}" for row in rows if row.get("learned_nothing")]
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ def base_model(recipe, dropout=None):
     extra = {} if dropout is None else {"dropout": float(dropout)}
     if recipe.task == "classification":
         extra["num_classes"] = num_classes(recipe)
+        extra["pooling"] = None if recipe.model.pooling == "auto" else recipe.model.pooling
     model = load(recipe.model.spec, task=LOAD_TASK[recipe.task], sequence_length=recipe.model.sequence_length, **extra)
     maximum = getattr(model.backbone, "max_sequence_length", None)  # learned position embeddings (BERT, GPT-2)
     if isinstance(maximum, int) and recipe.model.sequence_length > maximum:

@@ -158,7 +158,7 @@ def minilm_classifier():
 
 @pytest.mark.slow
 def test_minilm_classifier(minilm_classifier):
-    assert type(minilm_classifier).__name__ == "BertTextClassifier"
+    assert type(minilm_classifier).__name__ == "MeanPooledTextClassifier"  # its 1_Pooling folder: mean (test_pooling.py)
     assert minilm_classifier.preprocessor.sequence_length == 32
     assert minilm_classifier.predict(SENTENCES, verbose=0).shape == (len(SENTENCES), 3)
 

@@ -106,11 +106,18 @@ def test_a_finished_run_from_before_new_recipe_keys_is_still_the_same_recipe(tmp
     recipe = load_recipe(write(tmp_path, GOOD.replace("epochs = 1", 'methods = ["base"]')))
     old = recipe.to_dict()
     del old["train"]["save_freq"], old["model"]["dropout"]  # keys added after this run was written
-    row = {"method": "base", "metric": "accuracy", "value": 0.5, "trainable_params": 770, "seconds": 1.0}
+    del old["train"]["class_weight"], old["model"]["pooling"]
+    row = {"method": "base", "metric": "accuracy", "value": 0.5, "trainable_params": 770, "seconds": 1.0, "pooling": "mean"}
     report = {"recipe": json.loads(json.dumps(old)), "results": [row], "history": {"base": {"loss": [0.7]}}}
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "report.json").write_text(json.dumps(report))
     assert finetune(recipe, tmp_path / "run")["results"] == [row]  # kept, not retrained, not refused
+    del row["pooling"]  # written before the pooling could be chosen: MiniLM's head read [CLS] then, mean now
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=r"holds results of classifiers with \['cls'\] pooling, and this run's \[model\] "
+                                         r"pooling='auto' gives 'mean' .* Choose another output folder, or set \[model\] pooling"):
+        finetune(recipe, tmp_path / "old")
     changed = load_recipe(write(tmp_path, GOOD.replace("epochs = 1", 'methods = ["base"]\nsave_freq = 5'), "b.toml"))
     with pytest.raises(ValueError, match="holds the report of a different recipe"):
         finetune(changed, tmp_path / "run")
@@ -187,3 +194,54 @@ def test_numpy_integers_are_accepted_where_ints_are(tmp_path):
                                                  ("train.methods", ["base", "bias_injection"])])  # keras_lora: no blocks
     assert recipe.train.epochs == 2 and recipe.inject.rank == 2 and recipe.inject.blocks == [0]
     assert json.loads(json.dumps(recipe.to_dict()))["steer"]["samples"] == 3  # report.json holds it
+
+
+# ---- [model] pooling and [train] class_weight -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (GOOD + 'class_weight = "inverse"\n',
+         r"recipe: `train.class_weight` = 'inverse' is not a known weighting. Use \"balanced\""),
+        (GOOD + "class_weight = { great = 1.0, meh = 2.0 }\n",
+         r"`train.class_weight` = \{'great': 1.0, 'meh': 2.0\} names unknown label\(s\) \['meh'\]. The labels .* are "
+         r"\['great', 'other'\]: use those"),
+        (GOOD + "class_weight = { great = 1.0, other = -2.0 }\n",
+         r"`train.class_weight` = .*: the weight\(s\) \{'other': -2.0\} are not finite numbers >= 0"),
+        (GOOD + "class_weight = { great = 1.0, other = true }\n", r"the weight\(s\) \{'other': True\} are not finite"),
+        (GOOD + "class_weight = { great = 0.0, other = 0 }\n", r"`train.class_weight` = .*: every weight is 0"),
+        (GOOD + "class_weight = { great = nan }\n", r"recipe: `train.class_weight.great` = nan is not a finite number"),
+        (GOOD + "class_weight = 2\n", r"`train.class_weight` = 2 must be \"balanced\" or a non-empty mapping"),
+        (LM + 'class_weight = "balanced"\n',
+         r"recipe: `train.class_weight` = 'balanced' weights the classes of a classifier; task='causal_lm' has none. "
+         r"Remove train.class_weight"),
+        (GOOD.replace('spec = "minilm-l6"', 'spec = "minilm-l6"\npooling = "max"'),
+         r"\[model\] pooling must be one of \['auto', 'cls', 'mean'\]. Got pooling='max'"),
+        (LM.replace('spec = "smollm2-135m"', 'spec = "smollm2-135m"\npooling = "mean"'),
+         r"\[model\] pooling='mean' is for task='classification'"),
+    ],
+)
+def test_bad_class_weights_and_poolings_are_refused_at_load(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(write(tmp_path, text))
+
+
+def test_class_weights_by_hand(tmp_path):
+    from keras_biasinject.recipes.config import class_weights
+
+    labels = [0, 0, 0, 1]  # 3 great, 1 other
+    balanced = load_recipe(write(tmp_path, GOOD), [("train.class_weight", "balanced")])
+    assert class_weights(balanced, labels) == pytest.approx({0: 4 / (2 * 3), 1: 4 / (2 * 1)}, abs=1e-12)
+    mapped = load_recipe(write(tmp_path, GOOD), [("train.class_weight", {"other": 3})])
+    assert mapped.train.class_weight == {"other": 3.0}
+    assert class_weights(mapped, labels) == {0: 1.0, 1: 3.0}  # labels left out weigh 1
+    assert class_weights(load_recipe(write(tmp_path, GOOD)), labels) is None
+    with pytest.raises(ValueError, match=r"`train.class_weight` = 'balanced' needs training examples of every class; "
+                                         r"class\(es\) \['other'\] have none"):
+        class_weights(balanced, [0, 0])
+    yaml_keys = load_recipe(write(tmp_path, "task: classification\ndata: {label_column: y, text_column: t, source: a.csv, "
+                                            "label_names: [1, 2], control_columns: [c]}\ntrain: {class_weight: {2: 0.5}}\n",
+                                  "r.yaml"))
+    assert class_weights(yaml_keys, [0, 1]) == {0: 1.0, 1: 0.5}  # YAML integer labels match the data's labels
+    assert load_recipe(write(tmp_path, GOOD)).model.pooling == "auto"

@@ -49,3 +49,31 @@ def test_a_corrupt_report_names_the_file_and_the_fix(tmp_path, text, message):
     if "valid report" in message:  # resuming into the folder reads it too
         with pytest.raises(ValueError, match=rf"'.*report.json' {message}"):
             finetune(small_recipe(), tmp_path, verbose=0)
+
+
+def test_class_weights_reach_fit_and_weigh_each_examples_loss(tmp_path):
+    """With a learning rate too small to move the head (1e-12), fit's reported loss is the class-weighted
+    mean of the per-example losses of the model it returns: sum_i w[y_i] l_i / n (Keras' "sum over batch size")."""
+    import numpy as np
+
+    from keras_biasinject.recipes.datasets import split_dataset
+    from keras_biasinject.recipes.finetune import run_method
+    from keras_biasinject.rewrite.kerashub import preprocessor_detached
+
+    recipe = small_recipe(methods=["base"], epochs=1, learning_rate=1e-12, class_weight={"great": 0.5, "other": 3.0})
+    recipe.model.dropout = 0.0  # a deterministic forward pass in training too
+    rows, history, model = run_method(recipe, "base", tmp_path, verbose=0)
+    assert rows[0]["pooling"] == "mean" and 0.0 <= rows[0]["macro_f1"] <= 1.0
+    losses, labels = [], []
+    train = split_dataset(recipe, "train", model.preprocessor, False)
+    with preprocessor_detached(model):
+        for x, y in train:
+            logits = np.asarray(model(x, training=False), "float64")
+            log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            losses.append(-log_softmax[np.arange(len(y)), np.asarray(y)])
+            labels.append(np.asarray(y))
+    losses, labels = np.concatenate(losses), np.concatenate(labels)
+    assert len(losses) == 16 and 0 < labels.sum() < 16  # both classes among the 16 training reviews
+    weighted = (np.where(labels == 0, 0.5, 3.0) * losses).mean()
+    assert history["loss"][0] == pytest.approx(weighted, rel=1e-5)
+    assert abs(weighted - losses.mean()) > 1e-2  # the unweighted loss differs
