@@ -7,11 +7,15 @@ elsewhere). JAX gets 4 host devices (XLA_FLAGS) so that model-parallel has a rea
 
 `kbi finetune` runs one small real recipe (MiniLM, 32 reviews, 2 epochs of 4 steps, dropout 0) three
 times: TensorFlow, JAX, and JAX with --strategy model-parallel. Tolerances:
-- JAX vs TensorFlow: losses within 0.02, accuracies within 2 examples. The backends draw the head's
+- JAX vs TensorFlow: losses within 0.03, accuracies within 3 examples. The backends draw the head's
   and the adapters' random initial weights from different generators (Philox vs Threefry) for the
-  same seed, so the runs start from different points; measured: losses differ by 4e-3 at most,
-  accuracies by 2 of 32 training examples. 0.02 is well below the 0.07 the loss falls in these 8
-  steps, which the test also requires, so a backend that does not train, or trains wrongly, fails.
+  same seed, so the runs start from different points. Measured: losses differ by 2.2e-2 at most
+  and accuracies by 3 of 32 training examples, both in the first epoch, with the MiniLM classifier
+  reading mean-pooled tokens (its checkpoint's pooling); with the earlier [CLS] head it was 4e-3 and
+  2 examples. The mean-pooled head learns faster from the first step, so the different starts show
+  more before the runs converge (epoch 2: 1.2e-2). The test also requires the loss to fall by more
+  than twice the tolerance in these 8 steps, so a backend that does not train, or trains wrongly,
+  fails.
 - model-parallel vs one-device JAX: 1e-5. Same initial draws, same batches; the sharded matmuls only
   sum their float32 partial products in another order (measured: 6e-8).
 
@@ -55,8 +59,8 @@ learning_rate = 5e-3
 max_train_examples = 32
 max_eval_examples = 16
 """
-LOSS_TOLERANCE = 0.02  # JAX vs TensorFlow: different random starts for the head and adapters (see above)
-ACCURACY_EXAMPLES = 2  # ... accuracies may differ by this many examples
+LOSS_TOLERANCE = 0.03  # JAX vs TensorFlow: different random starts for the head and adapters (see above)
+ACCURACY_EXAMPLES = 3  # ... accuracies may differ by this many examples
 SHARDED_TOLERANCE = 1e-5  # model-parallel vs one-device JAX: float32 sums in another order
 
 
@@ -177,8 +181,8 @@ def test_kbi_finetune_on_jax_matches_tensorflow(reports):
         assert losses[0] - losses[-1] > 2 * LOSS_TOLERANCE, losses
     worst = max(d for n, d in differences.items() if "loss" in n)
     _check("finetune", "tensorflow", {"outcome": "passed", "note": "the reference"})
-    print(f"worst loss difference: {worst:.1e}")  # measured 4e-3 on 2 CPU cores; the cell states the tolerance only
-    _check("finetune", "jax", {"outcome": "passed", "note": "matches TensorFlow: losses within 0.02, accuracies within 2 examples"})
+    print(f"worst loss difference: {worst:.1e}")  # measured 2.2e-2 on 2 CPU cores; the cell states the tolerance only
+    _check("finetune", "jax", {"outcome": "passed", "note": "matches TensorFlow: losses within 0.03, accuracies within 3 examples"})
 
 
 @pytest.mark.slow
