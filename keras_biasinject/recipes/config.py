@@ -32,8 +32,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 TASKS = ("classification", "causal_lm")
-# Control groups and our method. "base": the frozen base (plus a trained head for classification;
-# zero-shot for the LM); "keras_lora": KerasHub's `enable_lora` at the same rank and targets;
+# Control groups and our method. "base": the frozen base (plus, for classification, a head fitted as a
+# linear probe on its features to convergence, L2 chosen on validation; zero-shot for the LM); "keras_lora": KerasHub's `enable_lora` at the same rank and targets;
 # "full": every weight trains (slow, opt-in); "bias_injection": this package; "feedback_head": after
 # bias_injection, a feedback head on its model (adapters frozen) that learns to read the label.
 METHODS = ("base", "keras_lora", "full", "bias_injection", "feedback_head")

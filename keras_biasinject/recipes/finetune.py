@@ -7,7 +7,8 @@ learning-rate schedule, TensorBoard logs, a best-weights checkpoint and a backup
 run resumes at exactly that step (`fit_resumable`). A finished method's result is kept in `report.json`; running
 the same recipe into the same folder again skips it, so Ctrl-C never loses finished work. Training that reaches
 a NaN or inf loss or weight stops and raises `TrainingDiverged` (recipes/divergence.py); nothing of that method
-is written.
+is written. The frozen base's classifier head is fitted as a linear probe on cached features, to convergence,
+its L2 strength chosen on the validation split (recipes/linear_probe.py): as its own users fit it.
 """
 
 import contextlib
@@ -30,6 +31,7 @@ from keras_biasinject.recipes.config import Recipe, class_weights
 from keras_biasinject.recipes.feedback_head import run_feedback_head
 from keras_biasinject.recipes.datasets import (compile_for_recipe, control_vector, data_config, labels_and_predictions, score,
                                                split_dataset, train_labels, with_control)
+from keras_biasinject.recipes.linear_probe import fit_linear_probe
 from keras_biasinject.recipes.divergence import NonFiniteGuard, TrainingDiverged
 from keras_biasinject.recipes.methods import PREPARE
 from keras_biasinject.recipes.report import classification_metrics, read_report, write_plots
@@ -68,12 +70,17 @@ def _callbacks(recipe, run_dir, method):
     ]
 
 
+def _class_weights(recipe, train):
+    """{class id: weight} from `[train] class_weight` and the training labels, or None."""
+    return class_weights(recipe, train_labels(train)) if recipe.train.class_weight is not None else None
+
+
 def _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy, verbose):
     """`model.fit` with backups: per epoch (Keras' BackupAndRestore, made atomic, in `run_dir`), or every
     `save_freq` steps (`fit_resumable`: a killed run resumes at exactly the step of its last backup), and
     `[train] class_weight` as Keras' `class_weight`. Returns (history dict, the step resumed from)."""
     callbacks = _callbacks(recipe, run_dir, method)
-    weights = class_weights(recipe, train_labels(train)) if recipe.train.class_weight is not None else None
+    weights = _class_weights(recipe, train)
     try:
         with keras_fixes():  # multi-worker fit: keras-team/keras#20329, tensorflow/tensorflow#72388
             if recipe.train.save_freq == "epoch":
@@ -172,9 +179,11 @@ def _run_method(recipe, method, run_dir, verbose, strategy, backup_dir):
     with strategy.scope():
         compile_for_recipe(model, _optimizer(recipe, steps, method))
     frozen = FrozenSnapshot(model)
-    history, resumed, start = {}, None, time.perf_counter()
+    history, resumed, probe, start = {}, None, None, time.perf_counter()
     with preprocessor_detached(model):  # the datasets are tokenized already
-        if trainable and not (method == "base" and recipe.task == "causal_lm"):
+        if method == "base" and recipe.task == "classification":  # the head as a linear probe, to convergence
+            probe = fit_linear_probe(model, train, validation, _class_weights(recipe, train))
+        elif trainable and method != "base":  # the LM's base is zero-shot: nothing trains
             backup_dir = Path(backup_dir) if backup_dir is not None else run_dir / "backup" / method
             history, resumed = _fit(model, recipe, method, train, validation, run_dir, backup_dir, strategy, verbose)
         seconds = time.perf_counter() - start
@@ -182,6 +191,8 @@ def _run_method(recipe, method, run_dir, verbose, strategy, backup_dir):
             raise RuntimeError(f"{method}: frozen base weight {frozen.changed(model)[0]!r} changed during training; "
                                "this is a bug, please report it.")
         rows = [_scored_row(model, recipe, method, test, trainable, seconds, injected)]
+        if probe:
+            rows[0]["probe"] = probe
         if resumed:
             rows[0]["resumed_from_step"] = resumed
         if injected and recipe.task == "classification":

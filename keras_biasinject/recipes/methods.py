@@ -15,7 +15,8 @@ def _heads(model, recipe):
 
 
 def prepare_base(model, recipe):
-    """The frozen base: a trained head for classification; zero-shot (nothing trains) for the LM."""
+    """The frozen base: a head for classification (fitted as a linear probe, recipes/linear_probe.py);
+    zero-shot (nothing trains) for the LM."""
     model.backbone.trainable = False
     return model
 

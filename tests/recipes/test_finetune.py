@@ -52,7 +52,7 @@ def test_a_corrupt_report_names_the_file_and_the_fix(tmp_path, text, message):
 
 
 def test_class_weights_reach_fit_and_weigh_each_examples_loss(tmp_path):
-    """With a learning rate too small to move the head (1e-12), fit's reported loss is the class-weighted
+    """With a learning rate too small to move anything (1e-12), fit's reported loss is the class-weighted
     mean of the per-example losses of the model it returns: sum_i w[y_i] l_i / n (Keras' "sum over batch size")."""
     import numpy as np
 
@@ -60,9 +60,9 @@ def test_class_weights_reach_fit_and_weigh_each_examples_loss(tmp_path):
     from keras_biasinject.recipes.finetune import run_method
     from keras_biasinject.rewrite.kerashub import preprocessor_detached
 
-    recipe = small_recipe(methods=["base"], epochs=1, learning_rate=1e-12, class_weight={"great": 0.5, "other": 3.0})
+    recipe = small_recipe(methods=["keras_lora"], epochs=1, learning_rate=1e-12, class_weight={"great": 0.5, "other": 3.0})
     recipe.model.dropout = 0.0  # a deterministic forward pass in training too
-    rows, history, model = run_method(recipe, "base", tmp_path, verbose=0)
+    rows, history, model = run_method(recipe, "keras_lora", tmp_path, verbose=0)  # LoRA's B starts at zero
     assert rows[0]["pooling"] == "mean" and 0.0 <= rows[0]["macro_f1"] <= 1.0
     losses, labels = [], []
     train = split_dataset(recipe, "train", model.preprocessor, False)
@@ -77,3 +77,36 @@ def test_class_weights_reach_fit_and_weigh_each_examples_loss(tmp_path):
     weighted = (np.where(labels == 0, 0.5, 3.0) * losses).mean()
     assert history["loss"][0] == pytest.approx(weighted, rel=1e-5)
     assert abs(weighted - losses.mean()) > 1e-2  # the unweighted loss differs
+
+
+def test_the_frozen_base_head_is_a_linear_probe_fitted_to_its_optimum(tmp_path):
+    """The base group's head is the L2-penalized, class-weighted logistic regression on the frozen model's
+    features with the strength of lowest validation loss: the model's logits equal features @ W + b, and
+    the penalized objective's gradient at that W, b is zero (to the solver's tolerance)."""
+    import numpy as np
+
+    from keras_biasinject.recipes.datasets import split_dataset
+    from keras_biasinject.recipes.finetune import run_method
+    from keras_biasinject.recipes.linear_probe import L2_GRID, _objective_and_gradient, head_features
+    from keras_biasinject.rewrite.kerashub import preprocessor_detached
+
+    recipe = small_recipe(methods=["base"], class_weight={"great": 0.5, "other": 3.0})
+    rows, history, model = run_method(recipe, "base", tmp_path, verbose=0)
+    probe = rows[0]["probe"]
+    assert history == {} and rows[0]["trainable_params"] == 384 * 2 + 2 and rows[0]["pooling"] == "mean"
+    assert probe["l2"] == L2_GRID[int(np.argmin(probe["val_loss"]))] and len(probe["val_loss"]) == len(L2_GRID)
+    train = split_dataset(recipe, "train", model.preprocessor, False)
+    with preprocessor_detached(model):
+        features, labels = head_features(model, train)
+        logits = np.concatenate([np.asarray(model(x, training=False), "float64") for x, _ in train])
+    head = model.get_layer("logits")
+    kernel, bias = np.asarray(head.kernel, "float64"), np.asarray(head.bias, "float64")
+    np.testing.assert_allclose(logits, features @ kernel + bias, atol=1e-5)  # float32 model against float64 product
+    # The optimum in the standardized coordinates the solver works in: the gradient vanishes there.
+    mean, scale = features.mean(0), np.where(features.std(0) > 0, features.std(0), 1.0)
+    params = np.concatenate([kernel * scale[:, None], (bias + mean @ kernel)[None]])  # (D + 1, K)
+    x = np.concatenate([(features - mean) / scale, np.ones((len(features), 1))], axis=1)
+    weights = np.where(labels == 0, 0.5, 3.0)
+    _, gradient = _objective_and_gradient(params, x, np.eye(2)[labels], weights, probe["l2"])
+    assert np.abs(gradient).max() < 1e-4  # float32 storage of W, b rounds the 1e-6 solver tolerance up
+    assert probe["steps"][L2_GRID.index(probe["l2"])] < 4000  # converged, not stopped by the step cap
