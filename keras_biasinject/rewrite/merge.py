@@ -81,7 +81,8 @@ def merge(model, control=None):
     that control (within float rounding), at the base model's cost, and it saves and loads with
     keras_hub alone. At the neutral control with gate "control" it equals the base model exactly.
     The injected model is not changed. Merging needs the base in float: a quantized base raises.
-    A feedback head is left out (the merged model has only the base's outputs).
+    A feedback head is left out (the merged model has only the base's outputs). The merged model
+    shares the injected model's preprocessor (tokenizer and vocabulary), so `generate("text")` works.
 
     Args:
         model: a model returned by `inject`.
@@ -112,7 +113,10 @@ def merge(model, control=None):
                 value = overrides[key] + (value - original)
             overrides[key] = value
 
-    plain = model._base_class.from_config(model.get_config()["base_config"])
+    config = model.get_config()["base_config"]
+    if getattr(model, "preprocessor", None) is not None:  # a config holds no vocabulary: share the loaded one
+        config["preprocessor"] = model.preprocessor
+    plain = model._base_class.from_config(config)
     source = _base_weights(model, splices)
     target = plain.weights
     if len(source) != len(target) or any(s.path != t.path or s.shape != t.shape for s, t in zip(source, target)):
