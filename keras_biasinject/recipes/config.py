@@ -3,7 +3,7 @@
 A recipe is a TOML (or YAML) file with four tables, each a small dataclass below:
 
     task = "classification"          # or "causal_lm"
-    [model]   spec, sequence_length, num_classes, dropout, pooling ("auto": the checkpoint's own)
+    [model]   spec, sequence_length, num_classes, dropout, pooling ("auto": the checkpoint's own), quantize ("int8")
     [data]    path or TFDS name, columns, control mapping       -> keras_biasinject.data.DataConfig
     [inject]  targets, rank, gate, ...                          -> keras_biasinject.InjectionConfig
     [train]   epochs, batch size, learning rate, methods, class_weight ("balanced" or {label: weight}), ...
@@ -46,6 +46,7 @@ class ModelConfig:
     num_classes: Optional[int] = None  # classification only; None: the number of labels in the data
     dropout: Optional[float] = None  # None: the checkpoint's rate; else the backbone's (and classifier head's)
     pooling: str = "auto"  # classification: "auto" (the checkpoint's own: mean for sentence-transformers), "cls", "mean"
+    quantize: Optional[str] = None  # "int8": the frozen backbone in Keras' int8 (adapters and head stay float32)
 
 
 @dataclasses.dataclass
@@ -87,6 +88,7 @@ class FeedbackConfig:
 
 
 POOLING_CHOICES = ("auto", "cls", "mean")  # [model] pooling
+QUANTIZE_MODES = ("int8",)  # [model] quantize: Keras' `quantize` modes that train adapters on a frozen base
 MAX_COUNT = 2**31 - 1  # the largest count (epochs, steps, examples, tokens) a recipe takes: TensorFlow's int32
 
 
@@ -175,9 +177,21 @@ class Recipe:
                 "would be on other layers. Remove blocks/exclude, or drop 'keras_lora' from [train] methods."
             )
         self._check_feedback(methods)
+        self._check_quantize(methods)
         self._check_numbers()
         self._check_steer()
         self._check_classification()
+
+    def _check_quantize(self, methods):
+        """[model] quantize: None or "int8", and no method that trains the (then integer) base weights."""
+        mode = self.model.quantize
+        if mode is None:
+            return
+        if mode not in QUANTIZE_MODES:
+            raise ValueError(f"recipe: [model] quantize must be one of {list(QUANTIZE_MODES)} or left out. Got quantize={describe(mode)}.")
+        if "full" in methods:
+            raise ValueError(f"recipe: method 'full' trains every base weight, but [model] quantize={mode!r} makes them integers "
+                             "that cannot train. Drop 'full' from [train] methods, or remove quantize.")
 
     def _check_classification(self):
         """[model] pooling and [train] class_weight: values, and only for task='classification'."""

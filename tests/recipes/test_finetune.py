@@ -110,3 +110,38 @@ def test_the_frozen_base_head_is_a_linear_probe_fitted_to_its_optimum(tmp_path):
     _, gradient = _objective_and_gradient(params, x, np.eye(2)[labels], weights, probe["l2"])
     assert np.abs(gradient).max() < 1e-4  # float32 storage of W, b rounds the 1e-6 solver tolerance up
     assert probe["steps"][L2_GRID.index(probe["l2"])] < 4000  # converged, not stopped by the step cap
+
+
+def test_an_int8_base_trains_adapters_and_stays_int8(tmp_path):
+    """`[model] quantize = "int8"`: the backbone's projections are Keras int8 layers, the adapters and the
+    head train in float32 on top, the base's integer weights never change, and the model saved as
+    `.keras` loads back int8 with the same answers (exactly)."""
+    import keras
+    import numpy as np
+
+    from keras_biasinject.recipes.config import load_recipe
+    from keras_biasinject.recipes.finetune import run_method
+
+    recipe = small_recipe(methods=["keras_lora", "bias_injection"])
+    recipe.model.quantize = "int8"
+    rows, history, model = run_method(recipe, "bias_injection", tmp_path, verbose=0)
+    query = model.backbone.transformer_layers[0]._self_attention_layer._query_dense
+    assert query.base_layer.quantization_mode == "int8" and query.lora_a.dtype == "float32"
+    assert rows[0]["base_weights_unchanged"] is True and len(history["loss"]) == 2
+    assert all(v.dtype == "float32" for v in model.trainable_weights)
+    model.save(tmp_path / "int8.keras")
+    loaded = keras.models.load_model(tmp_path / "int8.keras")
+    assert loaded.backbone.transformer_layers[0]._self_attention_layer._query_dense.base_layer.quantization_mode == "int8"
+    x = {"token_ids": np.array([[101, 2023, 2003, 2307, 102, 0]], "int32"), "padding_mask": np.array([[1, 1, 1, 1, 1, 0]], bool),
+         "segment_ids": np.zeros((1, 6), "int32"), "control": np.array([[1.0]], "float32")}
+    model.preprocessor = loaded.preprocessor = None
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    rows, _, lora = run_method(recipe, "keras_lora", tmp_path, verbose=0)
+    assert lora.backbone.transformer_layers[0]._self_attention_layer._query_dense.quantization_mode == "int8"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('task = "classification"\n[model]\nquantize = "int4"\n[data]\nsource = "small_fine_foods"\n')
+    with pytest.raises(ValueError, match=r"\[model\] quantize must be one of \['int8'\] or left out. Got quantize='int4'"):
+        load_recipe(bad)
+    with pytest.raises(ValueError, match=r"method 'full' trains every base weight, but \[model\] quantize='int8'"):
+        Recipe(task="classification", model={"spec": "minilm-l6", "quantize": "int8"}, data={"source": "small_fine_foods"},
+               train={"methods": ["full"]})
