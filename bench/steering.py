@@ -27,7 +27,7 @@ def perplexities(lm, texts, controls):
     from keras_biasinject.rewrite.kerashub import preprocessor_detached
 
     x, y, w = lm.preprocessor(texts)
-    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=None)
+    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"), metrics=None)
     out = {}
     with preprocessor_detached(lm):  # x is token ids already
         for name, value in controls.items():

@@ -110,7 +110,7 @@ class Bench:
         import keras
 
         lm = self.kbi.load("smollm2-135m", task="causal_lm", sequence_length=64)
-        lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=None, sampler="greedy")
+        lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"), metrics=None, sampler="greedy")
         return lm
 
     # Measurements.
@@ -165,7 +165,7 @@ def train_ours(bench, recipe):
 
     report = finetune(recipe, bench.work / "ours", verbose=2)
     _, lm = load_run_model(bench.work / "ours")
-    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=None, sampler="greedy")
+    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"), metrics=None, sampler="greedy")
     return report, lm
 
 
@@ -187,7 +187,7 @@ def train_lora(bench, recipe, side, texts):
         (folder / "rows.json").write_text(json.dumps(rows, indent=2))
     lm = prepare_keras_lora(base_model(side_recipe), side_recipe)
     lm.backbone.load_lora_weights(str(weights))
-    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=None, sampler="greedy")
+    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"), metrics=None, sampler="greedy")
     return lm
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 import keras
+import keras_hub
 import numpy as np
 import tensorflow as tf
 
@@ -125,10 +126,18 @@ def train_labels(ds):
 
 def compile_for_recipe(model, optimizer="adam"):
     """Compiles `model` with the loss and the one accuracy metric every recipe method uses (and that
-    `score` reads): classifier logits over classes, or LM logits over the vocabulary."""
+    `score` reads): classifier logits over classes, or LM logits over the vocabulary.
+
+    For a causal LM the sample weights are the token mask (padding, and the prompt with completion-only
+    loss, weigh 0), so the loss is the mean over the weighted tokens ("mean_with_sample_weight", as
+    TRL's and Hugging Face's losses): Keras' default would divide by every position, padding included,
+    and understate the loss and perplexity. A classifier keeps the default, sum_i w_i l_i / n, where the
+    weights are class weights."""
+    causal = isinstance(model, keras_hub.models.CausalLM)
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="mean_with_sample_weight" if causal else "sum_over_batch_size"),
         metrics=None,  # not KerasHub's "auto" metrics: one accuracy, weighted by the padding mask
         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )

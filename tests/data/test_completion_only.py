@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from keras_biasinject.data import chat, completion
 from keras_biasinject.data.pipeline import DataConfig, make_dataset
+from keras_biasinject.recipes.datasets import compile_for_recipe
 from tests.models.tiny_gguf import MERGES, TOKENS
 
 VOCAB = {token: i for i, token in enumerate(TOKENS)}  # <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2, 256 bytes, 3 merges
@@ -130,10 +131,14 @@ def test_loss_is_the_mean_over_response_tokens(batch, lm):
     # fit and evaluate take the dataset's third element as the sample weight.
     loss = lm.evaluate(tf.data.Dataset.from_tensors((x, y, weight)), verbose=0, return_dict=True)["loss"]
     np.testing.assert_allclose(loss, mean, rtol=1e-6)
-    # Keras' default reduction (what recipes compile today) divides the same sum by every position.
+    # Recipes compile an LM with that reduction (perplexity is exp of this mean) ...
+    compile_for_recipe(lm)
+    np.testing.assert_allclose(float(lm.compute_loss(x, y, logits, sample_weight=weight)), mean, rtol=1e-6)
+    # ... not Keras' default, which divides the same sum by every position, padding included.
     lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     loss = float(lm.compute_loss(x, y, logits, sample_weight=weight))
     np.testing.assert_allclose(loss, per_position, rtol=1e-6)
+    assert per_position < mean - 0.1
 
 
 def test_prompt_targets_change_no_gradient(batch, lm):
