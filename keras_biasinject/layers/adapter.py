@@ -128,7 +128,19 @@ class ControlAdapter(keras.layers.Layer):
             offset = self._merged[2]
             return y if offset is None else ops.add(y, ops.cast(offset, y.dtype))
         under = None if self.inner is None else self.inner.stacked(inputs, control)
+        hoisted = control_lib.hoisted_terms(self, control)
+        if hoisted is not None:
+            return self.adapted_hoisted(inputs, control, hoisted, under)
         return self.adapted(inputs, self.own_control(control), under)
+
+    def hoist(self, control):
+        """The terms of this adapter that depend only on the model's `control` (`[batch, control_dim]`),
+        computed once before a loop that calls the adapter many times with it (`generate`), or None when
+        the kind has none to hoist. `adapted_hoisted` uses them; the result is the same, bit for bit."""
+        return None
+
+    def adapted_hoisted(self, inputs, control, hoisted, under=None):
+        raise NotImplementedError(f"{type(self).__name__}: a kind whose `hoist` returns terms implements `adapted_hoisted`.")
 
     def own_control(self, control):
         """This adapter's part of `control`: all of it, or with several adapters in the model its slice."""

@@ -30,8 +30,12 @@ _scopes = threading.local()
 
 
 @contextlib.contextmanager
-def control_scope(control):
+def control_scope(control, hoisted=None):
     """Makes `control` the control of every layer called inside the block without `control=`.
+
+    `hoisted`: {id(layer): terms} that layers computed from this control once, before a loop that
+    calls them many times (`generate`'s decoding loop: see `ControlAdapter.hoist`); a layer reads its
+    own with `hoisted_terms`.
 
     Example:
     >>> with control_scope(c):          # c: [batch, control_dim]
@@ -40,7 +44,7 @@ def control_scope(control):
     stack = getattr(_scopes, "stack", None)
     if stack is None:
         stack = _scopes.stack = []
-    stack.append(control)
+    stack.append((control, hoisted))
     try:
         yield control
     finally:
@@ -50,7 +54,16 @@ def control_scope(control):
 def current_control():
     """The control of the innermost `control_scope`, or None outside any scope."""
     stack = getattr(_scopes, "stack", None)
-    return stack[-1] if stack else None
+    return stack[-1][0] if stack else None
+
+
+def hoisted_terms(layer, control):
+    """What `layer` computed from the innermost scope's control before the loop, when `control` is
+    that very control (not one passed with `control=`); else None."""
+    stack = getattr(_scopes, "stack", None)
+    if not stack or stack[-1][1] is None or control is not stack[-1][0]:
+        return None
+    return stack[-1][1].get(id(layer))
 
 
 def control_part(control, start, width):

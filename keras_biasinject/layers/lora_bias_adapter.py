@@ -138,6 +138,31 @@ class LoRABiasAdapter(ControlAdapter):
             y = ops.add(y, self.control_bias(d, y))
         return y
 
+    def hoist(self, control):
+        """`(strength, bias)` for a per-example `control` `[batch, k]`: `g + (c - neutral) U` (`[batch, r]`)
+        and `(c - neutral) V` (`[batch, *features]`), each with a unit axis for the sequence inserted
+        after the batch axis, as `adapted` aligns them for a `[batch, seq, ...]` input."""
+        control = self.own_control(control)
+        if control is None or len(control.shape) != 2:
+            return None
+        out_rank = 2 + len(self.projection.feature_shape)  # (B, T, *features)
+        d = control_lib.centred_control(control, self.neutral, self.control_dim, 2, self.compute_dtype, self.path)  # (B, k)
+        strength = ops.add(GATES[self.gate], ops.matmul(d, self.control_gain))  # (B, r)
+        return control_lib.align(strength, 1, out_rank), control_lib.control_term(d, self.control_kernel, out_rank)
+
+    def adapted_hoisted(self, inputs, control, hoisted, under=None):
+        """`adapted` with the control's terms from `hoist`: the same operations on the same values, minus
+        those that depend on the control alone. An input whose leading axes are not (batch, seq) takes
+        the plain path (the terms' alignment assumes them)."""
+        strength, bias = hoisted
+        y = self.base_output(inputs, under)  # (B, T, *features)
+        if len(y.shape) != len(bias.shape):  # e.g. tokens flattened to [B * T, features]
+            return self.adapted(inputs, self.own_control(control), under)
+        h = self.projection.project_a(inputs, self.lora_a)  # (B, T, ..., r)
+        gated = ops.multiply(h, strength)
+        update = ops.multiply(self.projection.project_b(gated, self.lora_b), ops.cast(self.scale, y.dtype))
+        return ops.add(ops.add(y, update), bias)
+
     def merged_kernel(self, centred):
         """`K + (alpha / r) A diag(g + (c - neutral) U) B`."""
         strength = ops.add(GATES[self.gate], ops.matmul(centred, self.control_gain))  # (r,)

@@ -458,10 +458,19 @@ class InjectedCausalLM(InjectedModel):
 
     def generate_step(self, inputs, stop_token_ids=None):
         inputs, control = _split_control(inputs)
-        with control_scope(control):
+        with control_scope(control, self._hoisted(control)):
             if self.feedback_head is None or type(self.sampler).__call__ is not keras_hub.samplers.Sampler.__call__:
                 return super().generate_step(inputs, stop_token_ids=stop_token_ids)
             return feedback_lib.generate_step_with_feedback(self, inputs, stop_token_ids=stop_token_ids)
+
+    def _hoisted(self, control):
+        """{id(adapter): terms} that depend on the control alone, computed once here, outside the decoding
+        loop, instead of once per adapter per token (`ControlAdapter.hoist`); None without a control."""
+        if control is None or getattr(self, "_kbi_undo", None) is None:
+            return None
+        control = ops.convert_to_tensor(control, "float32")
+        terms = {id(adapter): adapter.hoist(control) for _, adapter in self._kbi_undo.splices}
+        return {key: value for key, value in terms.items() if value is not None}
 
     def make_generate_function(self):
         compiled = feedback_lib.keep_feedback(super().make_generate_function())
