@@ -51,3 +51,24 @@ def test_generate_with_hoisted_terms_equals_generate_without(monkeypatch):
     np.testing.assert_array_equal(hoisted, plain)
     neutral = keras.ops.convert_to_numpy(lm.generate(dict(prompt), stop_token_ids=None, control=np.zeros((3, 1), "float32"))["token_ids"])
     assert not np.array_equal(hoisted[0], neutral[0])  # row 0 is steered
+
+
+def test_with_xla_the_neutral_control_generates_the_base_models_tokens():
+    """`jit_compile = True` (XLA) on both: the injected model at the neutral control generates exactly
+    the base's tokens, and a control still steers."""
+    base = keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None)
+    base.compile(sampler="greedy")
+    base.jit_compile = True
+    prompt = tokens(batch=3)
+    prompt["padding_mask"][:, 3:] = 0
+    expected = keras.ops.convert_to_numpy(base.generate(dict(prompt), stop_token_ids=None)["token_ids"])
+    lm = steered_lm()
+    lm.jit_compile = True
+    lm.generate_function = None
+    base_weights = {v.path: np.asarray(v) for v in base.weights}  # the same base (both from gpt2(): seed 0)
+    shared = [v for v in lm.weights if v.path in base_weights]
+    assert len(shared) == len(base_weights) and all(np.array_equal(np.asarray(v), base_weights[v.path]) for v in shared)
+    neutral = lm.generate(dict(prompt), stop_token_ids=None, control=np.zeros((3, 1), "float32"))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(neutral["token_ids"]), expected)
+    steered = lm.generate(dict(prompt), stop_token_ids=None, control=np.full((3, 1), 3.0, "float32"))
+    assert not np.array_equal(keras.ops.convert_to_numpy(steered["token_ids"]), expected)
