@@ -40,6 +40,32 @@ def table():
             f"| forward, {r['model']}, batch {r['batch']} x {r['sequence_length']} ({r['device']}) | base {f['base']['median_ms']:.1f} ms, unmerged "
             f"{f['unmerged']['median_ms']:.1f} ms ({r['ratio_unmerged_vs_base']:.3f}x), merged {f['merged']['median_ms']:.1f} ms "
             f"({r['ratio_merged_vs_base']:.3f}x) | <= 1.10, <= 1.01 | `python bench/inference.py` |")
+    if (r := load("generation")):
+        g, t = r["graph"], r["graph"]["times"]
+        tps = {k: v["tokens_per_s"] for k, v in t.items()}
+        lines.append(
+            f"| steered generation, {r['model']}, {r['new_tokens']} new tokens ({r['device']}) | tokens/s at batch 1: base {tps['base b1']:.1f}, "
+            f"unmerged with a control {tps['unmerged b1']:.1f} ({g['unmerged_vs_base_tokens_per_s']['b1']:.3f}x), merged {tps['merged b1']:.1f}; "
+            f"batch 8: base {tps['base b8']:.1f}, one control {tps['unmerged b8']:.1f} ({g['unmerged_vs_base_tokens_per_s']['b8']:.3f}x), "
+            f"8 controls {tps['mixed b8']:.1f} ({g['mixed_vs_single_control_tokens_per_s']:.3f}x one), per-adapter way (8 merged "
+            f"models x batch 1) {tps['per-adapter 8 x b1']:.1f}: mixed batch {g['mixed_batch_vs_per_adapter_speedup']:.1f}x"
+            + (f"; XLA vs graph (ours, batch 1) {r['xla_vs_graph_tokens_per_s']['unmerged b1']:.2f}x" if "xla" in r else "")
+            + " | >= 0.97x base; >= 0.97x one control; >= 4x per-adapter | `python bench/generation.py --xla` |")
+    if (r := load("quantized")):
+        t, p = r["times"], r["austen_perplexity"]
+        lines.append(
+            f"| int8 base, SmolLM2-135M, batch 1, {r['new_tokens']} new tokens ({r['device']}) | tokens/s: fp32 {t['fp32 base']['tokens_per_s']:.1f}, "
+            f"int8 {t['int8 base']['tokens_per_s']:.1f} ({r['int8_vs_fp32_tokens_per_s']:.2f}x), int8 with a control "
+            f"{t['int8 + control']['tokens_per_s']:.1f} ({r['int8_with_control_vs_fp32_tokens_per_s']:.2f}x); Austen perplexity fp32 "
+            f"{p['fp32 base']:.2f}, int8 {p['int8 base']:.2f} ({r['int8_vs_fp32_perplexity']:.3f}x), int8 at the neutral control "
+            f"{p['int8 + adapters, neutral control']:.2f} | >= 2x; <= 1.03x | `python bench/quantized.py` |")
+    if (r := load("fit_time")):
+        m = r["median"]
+        lines.append(
+            f"| whole fit, {r['recipe']} ({r['train_examples']} reviews), {r['pairs']} pairs of fresh processes ({r['device']}) | ours "
+            f"{m['bias_injection']['fit_s']:.0f} s, KerasHub LoRA {m['keras_lora']['fit_s']:.0f} s: {r['fit_ratio_median']:.3f}x (pairs "
+            f"{', '.join(f'{x:.2f}' for x in r['fit_ratio_per_pair'])}); first step {r['first_step_ratio']:.2f}x, steady step "
+            f"{r['steady_step_ratio']:.3f}x | <= 1.05x | `python bench/fit_time.py` |")
     if (r := load("memory")):
         m = r["runs"]
         lines.append(
@@ -47,9 +73,13 @@ def table():
             f"{m['bias_injection']['training_mb']:.0f} MB, KerasHub LoRA {m['keras_lora']['training_mb']:.0f} MB, full {m['full']['training_mb']:.0f} MB "
             f"({r['ratio_training_mb_vs_full']:.2f}x full) | | `python bench/memory.py` |")
     if (r := load("quality")):
+        majority = "/".join(f"{m:.3f}" for m in r.get("majority_baseline", []))
         for name, q in r["accuracy"].items():
-            lines.append(f"| quality, {r['model']} on Fine Foods ({r['train_examples']} reviews, {r['epochs']} epochs, 3 seeds): {name} | "
-                         f"accuracy {q['mean']:.4f} +/- {q['stdev']:.4f} | | `python bench/quality.py{' --full' if name.startswith('full') else ''}` |")
+            f1 = r.get("macro_f1", {}).get(name)
+            extra = f"; macro-F1 {f1['mean']:.3f}" if f1 else ""
+            lines.append(f"| quality, {r['model']} on Fine Foods ({r['train_examples']} reviews, {r['epochs']} epochs, 3 seeds; majority "
+                         f"answer {majority}): {name} | accuracy {q['mean']:.4f} +/- {q['stdev']:.4f}{extra} | | "
+                         f"`python bench/quality.py{' --full' if name.startswith('full') else ''}` |")
     if (r := load("steering")):
         st = r["steering"]
         shares = ", ".join(f"{c:+g}: {s:.2f}" for c, s in zip(st["controls"], st["positive_share"]))
