@@ -161,7 +161,7 @@ def test_tiny_model_matches_transformers(tiny_llama_gguf, tmp_path):
     backbone = keras_hub.models.Llama3Backbone.from_preset(folder, layer_norm_epsilon=1e-5)
     hidden = backbone({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)})
     got = np.asarray(backbone.token_embedding(hidden, reverse=True))
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)  # float32, 2 layers: ~1e-6 observed
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)  # float32, 2 layers, logits up to 15: 1.05e-5 seen once
 
 
 @pytest.mark.slow
