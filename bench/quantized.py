@@ -10,7 +10,6 @@ Run: python bench/quantized.py [--rounds 3]  -> bench/results/quantized.json
 """
 
 import argparse
-import math
 import os
 import sys
 
@@ -19,22 +18,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 from generation import NEW_TOKENS, PROMPT, generate_fn  # noqa: E402
+from steering import perplexities  # noqa: E402
 from timing import device, interleaved, summary, write  # noqa: E402
 
 GOALS = {"int8_with_control_vs_fp32_tokens_per_s": 2.0, "int8_vs_fp32_perplexity": 1.03}
 SEQUENCE_LENGTH = 128
-
-
-def perplexity(lm, texts, control=None):
-    import keras
-
-    from keras_biasinject.rewrite.kerashub import preprocessor_detached
-
-    x, y, w = lm.preprocessor(texts)
-    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight"), metrics=None)
-    inputs = dict(x) if control is None else {**x, "control": np.full((len(texts), 1), control, "float32")}
-    with preprocessor_detached(lm):  # x is token ids already
-        return math.exp(lm.evaluate(inputs, y, sample_weight=w, batch_size=16, verbose=0, return_dict=True)["loss"])
 
 
 def main():
@@ -55,8 +43,8 @@ def main():
         v.assign(rng.normal(scale=0.02, size=v.shape).astype("float32"))
 
     texts = [ex["text"].numpy().decode() for ex in load_dataset("jane_austen", "test").take(128)]
-    ppl = {"fp32 base": perplexity(fp32, texts), "int8 base": perplexity(int8, texts),
-           "int8 + adapters, neutral control": perplexity(steered, texts, 0.0)}
+    ppl = {"fp32 base": perplexities(fp32, texts, {"": None})[""], "int8 base": perplexities(int8, texts, {"": None})[""],
+           "int8 + adapters, neutral control": perplexities(steered, texts, {"": 0.0})[""]}
     assert ppl["int8 + adapters, neutral control"] == ppl["int8 base"], ppl  # the exact off switch holds on int8
 
     fns = {"fp32 base": generate_fn(fp32, 1), "int8 base": generate_fn(int8, 1), "int8 + control": generate_fn(steered, 1, [0.7])}

@@ -74,7 +74,7 @@ def cross_entropy(features, labels, kernel, bias):
     return float(-np.log(np.maximum(p[np.arange(len(p)), np.asarray(labels).astype(int)], 1e-300)).mean())
 
 
-def head_features(model, ds):
+def head_features(model, ds, split):
     """(features `[N, D]`, labels `[N]`): the input of the model's `logits` layer (inference mode, so no
     dropout) for every example of the tokenized, batched `ds` of (x, y) pairs."""
     reader = keras.Model(model.inputs, model.get_layer("logits").input)
@@ -83,7 +83,8 @@ def head_features(model, ds):
         features.append(np.asarray(reader(x, training=False), "float64"))
         labels.append(np.asarray(y).reshape(-1))
     if not features:
-        raise ValueError("linear probe: the split holds no examples; the frozen base's head needs training examples.")
+        raise ValueError(f"linear probe: the {split} split holds no examples; the frozen base's head is fitted on the "
+                         "training split and its L2 strength chosen on the validation split. Give each examples.")
     return np.concatenate(features), np.concatenate(labels)
 
 
@@ -95,8 +96,8 @@ def fit_linear_probe(model, train, validation, class_weight=None):
     strength, "steps": per strength}; the model's head holds the fitted weights."""
     head = model.get_layer("logits")
     num_classes = head.units
-    x_train, y_train = head_features(model, train)
-    x_val, y_val = head_features(model, validation) if validation is not None else (None, None)
+    x_train, y_train = head_features(model, train, "training")
+    x_val, y_val = head_features(model, validation, "validation")
     mean, scale = x_train.mean(0), x_train.std(0)
     scale = np.where(scale > 0, scale, 1.0)  # a constant feature stays as it is
     standard = (x_train - mean) / scale  # (N, D)
@@ -105,11 +106,8 @@ def fit_linear_probe(model, train, validation, class_weight=None):
     for l2 in L2_GRID:
         kernel, bias, start, steps = fit_logistic_regression(standard, y_train, num_classes, l2, weights, start)
         kernel, bias = kernel / scale[:, None], bias - (mean / scale) @ kernel  # standardization folded in
-        val_loss = cross_entropy(x_val, y_val, kernel, bias) if x_val is not None else float("nan")
-        fits.append((val_loss, l2, kernel, bias, steps))
-    # Without validation examples: scikit-learn's default strength, C = 1 (l2 = 1/n).
-    default = min(fits, key=lambda fit: abs(np.log(fit[1] * len(x_train))))
-    best = min(fits, key=lambda fit: fit[0]) if x_val is not None else default
+        fits.append((cross_entropy(x_val, y_val, kernel, bias), l2, kernel, bias, steps))
+    best = min(fits, key=lambda fit: fit[0])
     head.kernel.assign(best[2].astype(head.kernel.dtype))
     head.bias.assign(best[3].astype(head.bias.dtype))
     return {"l2": best[1], "val_loss": [round(f[0], 6) for f in fits], "steps": [f[4] for f in fits]}

@@ -97,7 +97,7 @@ def test_the_frozen_base_head_is_a_linear_probe_fitted_to_its_optimum(tmp_path):
     assert probe["l2"] == L2_GRID[int(np.argmin(probe["val_loss"]))] and len(probe["val_loss"]) == len(L2_GRID)
     train = split_dataset(recipe, "train", model.preprocessor, False)
     with preprocessor_detached(model):
-        features, labels = head_features(model, train)
+        features, labels = head_features(model, train, "training")
         logits = np.concatenate([np.asarray(model(x, training=False), "float64") for x, _ in train])
     head = model.get_layer("logits")
     kernel, bias = np.asarray(head.kernel, "float64"), np.asarray(head.bias, "float64")

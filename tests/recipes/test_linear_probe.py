@@ -31,3 +31,19 @@ def test_the_probe_reaches_the_penalized_optimum(l2):
     assert steps < MAX_STEPS and np.abs(gradient).max() < 1e-6
     stronger, _, _, _ = fit_logistic_regression(x, labels, 3, l2 * 10)
     assert np.linalg.norm(stronger) < np.linalg.norm(kernel)
+
+
+def test_an_empty_split_is_refused_by_name():
+    import keras
+    import tensorflow as tf
+
+    from keras_biasinject.recipes.linear_probe import head_features
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(keras.layers.Dense(4)(inputs)))
+    empty = tf.data.Dataset.from_tensor_slices((np.zeros((0, 3), "float32"), np.zeros((0,), "int32"))).batch(2)
+    with pytest.raises(ValueError, match=r"linear probe: the validation split holds no examples; .* Give each examples"):
+        head_features(model, empty, "validation")
+    three = tf.data.Dataset.from_tensor_slices((np.ones((3, 3), "float32"), np.array([0, 1, 1], "int32"))).batch(2)
+    features, labels = head_features(model, three, "training")  # the head's input, batch by batch
+    assert features.shape == (3, 4) and labels.tolist() == [0, 1, 1]
