@@ -9,7 +9,8 @@ as 8 different ones). The methods take turns round after round (timing.interleav
 Adapters: rank 8 on query/value in all 30 blocks, with trained-looking non-zero weights (but the
 control's bias term V zero, so that the merged model exists: SmolLM2's q/v have no bias to fold it into). `--xla` adds
 the same with `jit_compile=True` (off by default on CPU in Keras).
-Run: python bench/generation.py [--rounds 3] [--xla]  -> bench/results/generation.json
+Run: python bench/generation.py [--rounds 3] [--xla | --xla-only] [--out NAME]  -> bench/results/generation.json
+On a GPU with JAX: KERAS_BACKEND=jax python bench/generation.py --xla-only --out generation_gpu
 """
 
 import argparse
@@ -69,8 +70,13 @@ def measure(xla, rounds):
     for name, t in times.items():
         t["tokens_per_s"] = tokens[name] / (t["median_ms"] / 1000)
     tps = {name: t["tokens_per_s"] for name, t in times.items()}
+    for lm in (base, injected):  # the exact off switch, in this mode: greedy, as KerasHub's default sampler (top-k) draws at random
+        lm.compile(sampler="greedy")
+        lm.jit_compile = xla
+    neutral = generate_fn(injected, 8, np.zeros((8, 1), "float32"))()
     return {
         "times": times,
+        "neutral_control_text_equals_base": bool(np.array_equal(np.asarray(neutral), np.asarray(generate_fn(base, 8)()))),
         "unmerged_vs_base_tokens_per_s": {"b1": tps["unmerged b1"] / tps["base b1"], "b8": tps["unmerged b8"] / tps["base b8"]},
         "merged_vs_base_tokens_per_s": {"b1": tps["merged b1"] / tps["base b1"], "b8": tps["merged b8"] / tps["base b8"]},
         "mixed_vs_single_control_tokens_per_s": tps["mixed b8"] / tps["unmerged b8"],
@@ -82,16 +88,21 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--xla", action="store_true", help="also with jit_compile=True")
+    parser.add_argument("--xla-only", action="store_true",
+                        help="only with jit_compile=True (on JAX, Keras' default: without it JAX runs op by op)")
+    parser.add_argument("--out", default="generation", help="results file name under bench/results/ (default: generation)")
     args = parser.parse_args()
     result = {"model": "SmolLM2-135M-Instruct fp32", "prompt": PROMPT, "new_tokens": NEW_TOKENS, "rank": 8,
-              "targets": "query_value (60 layers)", "rounds": args.rounds, "goals": GOALS,
-              "graph": measure(False, args.rounds), **device()}
-    if args.xla:
+              "targets": "query_value (60 layers)", "rounds": args.rounds, "goals": GOALS, **device()}
+    if not args.xla_only:
+        result["graph"] = measure(False, args.rounds)
+    if args.xla or args.xla_only:
         result["xla"] = measure(True, args.rounds)
+    if "graph" in result and "xla" in result:
         result["xla_vs_graph_tokens_per_s"] = {
             name: result["xla"]["times"][name]["tokens_per_s"] / t["tokens_per_s"] for name, t in result["graph"]["times"].items()}
-    write("generation", result)
-    print({k: v for k, v in result["graph"].items() if k != "times"})
+    write(args.out, result)
+    print({mode: {k: v for k, v in result[mode].items() if k != "times"} for mode in ("graph", "xla") if mode in result})
 
 
 if __name__ == "__main__":

@@ -29,11 +29,31 @@ def summary(times):
 
 
 def device():
-    import tensorflow as tf
+    """The backend and the device the figures were measured on: name, kind, versions."""
+    import keras
 
-    gpus = tf.config.list_physical_devices("GPU")
-    return {"device": "GPU" if gpus else "CPU", "gpus": [g.name for g in gpus], "machine": platform.machine(),
-            "tensorflow": tf.__version__}
+    backend = keras.backend.backend()
+    info = {"backend": backend, "keras": keras.__version__, "machine": platform.machine()}
+    if backend == "jax":
+        import jax
+
+        accelerators = [d for d in jax.devices() if d.platform != "cpu"]
+        info.update(jax=jax.__version__, gpus=[d.device_kind for d in accelerators])
+    elif backend == "torch":
+        import torch
+
+        count = torch.cuda.device_count()
+        info.update(torch=torch.__version__, gpus=[torch.cuda.get_device_name(i) for i in range(count)])
+    else:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+        info.update(tensorflow=tf.__version__, gpus=names)
+    info["device"] = f"GPU: {info['gpus'][0]}" if info["gpus"] else "CPU"
+    if backend != "tensorflow":
+        info["device"] += f", {backend}"
+    return info
 
 
 def write(name, data):

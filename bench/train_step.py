@@ -39,6 +39,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M (batch 4 x 32) instead of the 4-layer GPT2")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--out", help="results file name under bench/results/ (default: train_step or train_step_smollm2)")
     args = parser.parse_args()
     build = smollm2 if args.smollm2 else gpt2
     batch, seq, vocab = (4, 32, 49152) if args.smollm2 else (8, 128, 5000)
@@ -69,7 +70,7 @@ def main():
         "goals": {"ratio_vs_keras_lora": 1.05, "ratio_vs_full": 0.75},
         **device(),
     }
-    write("train_step_smollm2" if args.smollm2 else "train_step", result)
+    write(args.out or ("train_step_smollm2" if args.smollm2 else "train_step"), result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ import json
 import os
 from pathlib import Path
 
+import keras
 import keras_hub
+from keras_hub.src.layers.preprocessing.preprocessing_layer import PreprocessingLayer  # not exported by keras_hub
 
 from keras_biasinject.layers.checks import check_positive_int
 from keras_biasinject.models.gguf_cache import converted_gguf
@@ -87,13 +89,28 @@ def load(spec, task=None, *, num_classes=None, sequence_length=None, dtype=None,
             _drop_start_token(preprocessor)
         if tokenizer_config.get("chat_template"):  # prompt/response data render through it (data/chat.py)
             preprocessor.tokenizer.chat_template = tokenizer_config["chat_template"]
-        return task_cls(backbone=backbone, preprocessor=preprocessor)
+        return preprocessing_built(task_cls(backbone=backbone, preprocessor=preprocessor))
     task_cls = _task_class(keras_hub.models.TextClassifier, backbone, spec, task)
     if (pooling or checkpoint_pooling(preset) or "cls") == "mean":
         task_cls = MeanPooledTextClassifier
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset, **preprocessor_kwargs)
     head = {"dropout": backbone_kwargs["dropout"]} if "dropout" in backbone_kwargs else {}  # the same rate for the head
-    return task_cls(backbone=backbone, preprocessor=preprocessor, num_classes=num_classes, **head)
+    return preprocessing_built(task_cls(backbone=backbone, preprocessor=preprocessor, num_classes=num_classes, **head))
+
+
+def preprocessing_built(model):
+    """`model` with its KerasHub preprocessing layers that have no `build` of their own marked built.
+
+    KerasHub means them to be built at creation, but its check (`hasattr(self, "build")`) is true for
+    every Keras layer, so a tokenizer or packer that was never called stays unbuilt. Keras then counts
+    the whole model unbuilt and traces it symbolically at every `train_on_batch`, `fit`, `evaluate`
+    and `predict` call (`Trainer._symbolic_build`), also when the preprocessor is set aside for
+    token-id inputs. On JAX that retrace took 0.5 s (LoRA) to 1 s (injected) of every SmolLM2
+    `train_on_batch`. Marking them built is what calling their (inherited, empty) `build` would do."""
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, PreprocessingLayer) and not layer.built and type(layer).build is keras.layers.Layer.build:
+            layer.built = True
+    return model
 
 
 def pooling_of(classifier):
@@ -116,8 +133,8 @@ def with_pooling(classifier, pooling):
     else:
         task_cls = _task_class(keras_hub.models.TextClassifier, classifier.backbone, type(classifier.backbone).__name__,
                                "classifier")
-    return task_cls(backbone=classifier.backbone, preprocessor=classifier.preprocessor,
-                    num_classes=classifier.num_classes, dropout=classifier.dropout)
+    return preprocessing_built(task_cls(backbone=classifier.backbone, preprocessor=classifier.preprocessor,
+                                        num_classes=classifier.num_classes, dropout=classifier.dropout))
 
 
 def resolve_preset(spec):

@@ -83,6 +83,32 @@ def test_tiny_causal_lm_generates_without_a_start_token(tiny_llama_gguf):
     assert isinstance(text, str) and text.startswith(" the")
 
 
+def test_loaded_tasks_are_built_so_keras_traces_them_once(tiny_llama_gguf, monkeypatch):
+    """KerasHub leaves a tokenizer that was never called unbuilt, and Keras then re-traces the whole
+    model symbolically at every `train_on_batch`, `fit` and `evaluate` (on JAX and torch always, on
+    TensorFlow under a distribution strategy; 0.5-1 s a SmolLM2 step on JAX): `load` marks them built.
+    Unfixed, each later call traces the model again."""
+    import keras
+    import tensorflow as tf
+    from keras.src.trainers import trainer
+
+    path, _ = tiny_llama_gguf
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():  # as `kbi finetune --strategy` builds it
+        lm = load(path, task="causal_lm", sequence_length=8)
+        assert [type(layer).__name__ for layer in lm._flatten_layers() if not layer.built] == []
+        lm.preprocessor = None  # token ids in; the preprocessor's layers stay tracked by the model
+        lm.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    traces = []
+    real = trainer.backend.compute_output_spec
+    monkeypatch.setattr(trainer.backend, "compute_output_spec", lambda *a, **k: traces.append(1) or real(*a, **k))
+    x, y = {"token_ids": np.ones((2, 8), "int32"), "padding_mask": np.ones((2, 8), "int32")}, np.ones((2, 8), "int32")
+    lm.train_on_batch(x, y)
+    assert len(traces) == 3  # the first call builds the model's, the metrics' and the loss's state
+    lm.train_on_batch(x, y)
+    lm.train_on_batch(x, y)
+    assert len(traces) == 3  # and no call after it traces anything
+
+
 def test_tiny_causal_lm_keeps_the_start_token_when_the_tokenizer_adds_one(tmp_path):
     write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True)
     lm = load(tmp_path / "bos.gguf", task="causal_lm", sequence_length=8)
