@@ -22,35 +22,54 @@ def _decay_steering(r):
     return f"; implied share of positive SmolLM2 reviews {min(score):.2f} to {max(score):.2f}, back to {score[-1]:.2f} after 300 s"
 
 
+def _env(r):
+    """The environment a result's command ran under, when it is not the TensorFlow default."""
+    return f"KERAS_BACKEND={r['backend']} " if r.get("backend", "tensorflow") != "tensorflow" else ""
+
+
+def _generation_row(r, flag):
+    mode = "graph" if "graph" in r else "xla"
+    g, t = r[mode], r[mode]["times"]
+    tps = {k: v["tokens_per_s"] for k, v in t.items()}
+    return (
+        f"| steered generation, {r['model']}, {r['new_tokens']} new tokens ({r['device']}{', XLA' if mode == 'xla' else ''}) | tokens/s at "
+        f"batch 1: base {tps['base b1']:.1f}, unmerged with a control {tps['unmerged b1']:.1f} ({g['unmerged_vs_base_tokens_per_s']['b1']:.3f}x), "
+        f"merged {tps['merged b1']:.1f}; batch 8: base {tps['base b8']:.1f}, one control {tps['unmerged b8']:.1f} "
+        f"({g['unmerged_vs_base_tokens_per_s']['b8']:.3f}x), 8 controls {tps['mixed b8']:.1f} ({g['mixed_vs_single_control_tokens_per_s']:.3f}x "
+        f"one), per-adapter way (8 merged models x batch 1) {tps['per-adapter 8 x b1']:.1f}: mixed batch "
+        f"{g['mixed_batch_vs_per_adapter_speedup']:.1f}x"
+        + (f"; XLA vs graph (ours, batch 1) {r['xla_vs_graph_tokens_per_s']['unmerged b1']:.2f}x" if "xla_vs_graph_tokens_per_s" in r else "")
+        + (f"; neutral control = base: {g['neutral_control_text_equals_base']}" if "neutral_control_text_equals_base" in g else "")
+        + f" | >= 0.97x base; >= 0.97x one control; >= 4x per-adapter | `{_env(r)}python bench/generation.py{flag}` |")
+
+
 def table():
     lines = ["| benchmark | result | goal | command |", "|---|---|---|---|"]
     if (r := load("exactness")):
         worst = max(v["max_abs_diff"] for v in r["families"].values())
         lines.append(f"| exactness at insertion, {len(r['families'])} families (all-linear) | max abs diff {worst} | 0.0 | `python bench/exactness.py` |")
-    for name, flag in (("train_step", ""), ("train_step_smollm2", " --smollm2")):
+    if (r := load("exactness_gpu")):
+        worst = max(v["max_abs_diff"] for v in r["families"].values())
+        lines.append(f"| exactness at insertion on a GPU, {len(r['families'])} families ({r['device']}) | max abs diff {worst} | 0.0 | "
+                     f"`{_env(r)}python bench/exactness.py --out exactness_gpu` |")
+    for name, flag in (("train_step", ""), ("train_step_smollm2", " --smollm2"), ("train_step_gpu", " --out train_step_gpu"),
+                       ("train_step_smollm2_gpu", " --smollm2 --out train_step_smollm2_gpu"),
+                       ("train_step_smollm2_jax_cpu", " --smollm2 --out train_step_smollm2_jax_cpu")):
         if (r := load(name)):
             s = r["steps"]
             lines.append(
                 f"| train step, {r['model']}, batch {r['batch']} x {r['sequence_length']} ({r['device']}) | ours {s['bias_injection']['median_ms']:.0f} ms, "
                 f"KerasHub LoRA {s['keras_lora']['median_ms']:.0f} ms, full {s['full']['median_ms']:.0f} ms; ratio vs LoRA "
-                f"{r['ratio_vs_keras_lora']:.3f}, vs full {r['ratio_vs_full']:.3f} | <= 1.05, <= 0.75 | `python bench/train_step.py{flag}` |")
+                f"{r['ratio_vs_keras_lora']:.3f}, vs full {r['ratio_vs_full']:.3f} | <= 1.05, <= 0.75 | `{_env(r)}python bench/train_step.py{flag}` |")
     if (r := load("inference")):
         f = r["forward"]
         lines.append(
             f"| forward, {r['model']}, batch {r['batch']} x {r['sequence_length']} ({r['device']}) | base {f['base']['median_ms']:.1f} ms, unmerged "
             f"{f['unmerged']['median_ms']:.1f} ms ({r['ratio_unmerged_vs_base']:.3f}x), merged {f['merged']['median_ms']:.1f} ms "
             f"({r['ratio_merged_vs_base']:.3f}x) | <= 1.10, <= 1.01 | `python bench/inference.py` |")
-    if (r := load("generation")):
-        g, t = r["graph"], r["graph"]["times"]
-        tps = {k: v["tokens_per_s"] for k, v in t.items()}
-        lines.append(
-            f"| steered generation, {r['model']}, {r['new_tokens']} new tokens ({r['device']}) | tokens/s at batch 1: base {tps['base b1']:.1f}, "
-            f"unmerged with a control {tps['unmerged b1']:.1f} ({g['unmerged_vs_base_tokens_per_s']['b1']:.3f}x), merged {tps['merged b1']:.1f}; "
-            f"batch 8: base {tps['base b8']:.1f}, one control {tps['unmerged b8']:.1f} ({g['unmerged_vs_base_tokens_per_s']['b8']:.3f}x), "
-            f"8 controls {tps['mixed b8']:.1f} ({g['mixed_vs_single_control_tokens_per_s']:.3f}x one), per-adapter way (8 merged "
-            f"models x batch 1) {tps['per-adapter 8 x b1']:.1f}: mixed batch {g['mixed_batch_vs_per_adapter_speedup']:.1f}x"
-            + (f"; XLA vs graph (ours, batch 1) {r['xla_vs_graph_tokens_per_s']['unmerged b1']:.2f}x" if "xla" in r else "")
-            + " | >= 0.97x base; >= 0.97x one control; >= 4x per-adapter | `python bench/generation.py --xla` |")
+    for name, flag in (("generation", " --xla"), ("generation_gpu", " --xla-only --out generation_gpu")):
+        if (r := load(name)):
+            lines.append(_generation_row(r, flag))
     if (r := load("quantized")):
         t, p = r["times"], r["austen_perplexity"]
         lines.append(
