@@ -107,6 +107,7 @@ def serving_policy(args):
 
 def cmd_serve(args):
     from keras_biasinject.serving.app import Limits, LoopSettings, is_loopback, serve
+    from keras_biasinject.serving.store import masked
 
     try:
         target = None if args.loop_target is None else [float(v) for v in args.loop_target.split(",")]
@@ -119,12 +120,12 @@ def cmd_serve(args):
     if not Path(args.export_dir).is_dir():
         raise ValueError(f"serve: {args.export_dir!r} is not a folder; give BASE/NAME written by `kbi export ... --out BASE --name NAME`.")
     store = args.store or str(Path(args.export_dir) / "sessions.sqlite")
-    if not Path(store).parent.is_dir():
+    if "://" not in store and not Path(store).parent.is_dir():
         raise ValueError(f"serve: --store {store!r}: folder {str(Path(store).parent)!r} does not exist; create it first.")
     limits = Limits(max_batch=args.max_batch, max_sequence=args.max_sequence, max_sessions=args.max_sessions,
                     max_clock_skew=args.max_clock_skew, session_ttl=args.session_ttl)  # each checked (ValueError)
     policy = serving_policy(args)
-    print(f"serving {args.export_dir} on http://{args.host}:{args.port} (sessions: {store})", flush=True)
+    print(f"serving {args.export_dir} on http://{args.host}:{args.port} (sessions: {masked(store)})", flush=True)
     serve(args.export_dir, store, host=args.host, port=args.port, source=args.source, limits=limits,
           loop=LoopSettings(args.loop, target), policy=policy, token=token)
 
@@ -175,7 +176,8 @@ def add_serving_commands(sub):
     p.add_argument("export_dir", help="BASE/NAME written by `kbi export` (the highest version is served)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8501, help="port (default 8501, as TF Serving's REST)")
-    p.add_argument("--store", help="SQLite file for session state (default: EXPORT_DIR/sessions.sqlite)")
+    p.add_argument("--store", help="where session state lives: a SQLite file (default: EXPORT_DIR/sessions.sqlite), or "
+                   "postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE, which several replicas share")
     p.add_argument("--source", help="the run folder or .keras file behind the export: enables :adapt (self-tuning)")
     p.add_argument("--max-batch", type=int, default=64, help="examples per predict request (default 64)")
     p.add_argument("--max-sequence", type=int, default=1024, help="tokens per example (default 1024)")

@@ -4,7 +4,7 @@
   plus sessions and `:adapt`.
 - `rest.py`: request bodies checked and turned into tensors; `Limits`, `AdaptPolicy`, `BadRequest`.
 - `models.py`: `LoadedExport` (a loaded SavedModel version), `AdaptableModel` (the Keras model behind it).
-- `store.py`: session stores (`SQLiteStore`), with idle sessions expiring.
+- `store.py`: session stores (`SQLiteStore`, `PostgresStore` shared by replicas, `open_store`), with idle sessions expiring.
 - `guard.py`: `RequestGuard`, before every route: cross-origin, rebound-Host and proxied requests
   refused (403), an `X-Request-Id` on every answer.
 - `loop.py`: the serving loop (`"loop": "self"`): a session moved by the model's own feedback-head reading.

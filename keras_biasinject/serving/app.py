@@ -32,6 +32,7 @@ states), `guard.py` (the checks before any route), `loop.py` (the serving loop's
 arithmetic) and `adapt.py` (the guarded training steps).
 """
 
+import contextlib
 import hmac
 import json
 import logging
@@ -60,13 +61,15 @@ from keras_biasinject.serving.rest import (
     AdaptPolicy, BadRequest, Limits, Unauthorized, adapt_batch, feedback_values, finite_number, input_columns,
     predict_answer, session_id as checked_session_id, shown, signature_tensors, text_value,
 )
-from keras_biasinject.serving.store import SessionLimitError, SQLiteStore
+from keras_biasinject.serving.store import SessionLimitError, StoreUnavailable, masked, open_store
 
 __all__ = ["AdaptPolicy", "BadRequest", "Limits", "LoopSettings", "SessionServer", "create_app", "find_version", "serve"]
 
 logger = logging.getLogger(__name__)
 ADAPT_KEYS = ("examples", "steps", "learning_rate")  # what an :adapt request may send; the guard is the server's
 
+RETRY_AFTER_S = 2  # what a 503 from an unavailable session store asks the client to wait
+PURGE_EVERY_S = 60.0  # how often the server deletes expired sessions (in small batches, never holding up requests)
 LOOP_ATTEMPTS = 5  # a loop request whose session another update moved meanwhile runs again, this often at most
 
 
@@ -422,6 +425,10 @@ class SessionServer:
             answer_ = await run_in_threadpool(work, body)
         except BadRequest as error:
             return error_response(error)
+        except StoreUnavailable as error:  # the database is down or restarting: nothing was acknowledged
+            logger.warning("%s", error)
+            return JSONResponse({"error": "the session store is unavailable; nothing was stored. Retry in a few seconds."},
+                                503, headers={"Retry-After": str(RETRY_AFTER_S)})
         except Exception:
             request_id = request.scope.get("state", {}).get("request_id", "-")
             logger.exception("request %s (%s %s) failed", request_id, request.method, request.url.path)
@@ -478,18 +485,42 @@ def prune_versions(folder, keep_versions, keep):
             shutil.rmtree(path, ignore_errors=True)
 
 
+def purge_loop(store, stop, every=PURGE_EVERY_S):
+    """Deletes expired sessions every `every` seconds until `stop` is set. A store that is down is
+    tried again at the next round; requests never wait for a purge."""
+    while not stop.wait(every):
+        try:
+            while store.purge_expired() >= 1000:  # a backlog goes in batches of 1,000
+                pass
+        except Exception as error:  # a database that is down: the next round tries again
+            logger.warning("purging expired sessions failed: %s", error)
+
+
 def create_app(export_dir, store_path, limits=None, clock=time.time, source=None, loop=None, policy=None, token=None):
     """The Starlette app that serves `export_dir` (`<base>/<name>` or one version folder), with its
-    sessions in the SQLite file `store_path` and, given `source` (the run folder or .keras file behind
+    sessions in the store `store_path` names (a SQLite file, or a `postgresql://` URL that replicas
+    share: `open_store`), expired ones purged in the background, and, given `source` (the run folder or .keras file behind
     the export) and a `policy` that enables it, `:adapt`. `clock` gives the time of requests that send
     none; `loop` (a `LoopSettings`) the serving loop's defaults, checked against the export here
     (ValueError); `token` the bearer token that state-changing requests need (None: none needed)."""
     limits = limits or Limits()
-    store = SQLiteStore(store_path, ttl=limits.session_ttl, clock=clock)  # first: a bad --store fails fast (ValueError)
+    store = open_store(store_path, ttl=limits.session_ttl, clock=clock)  # first: a bad --store fails fast (ValueError)
     export = LoadedExport(export_dir)
     adaptable = None if source is None else AdaptableModel(source)
     server = SessionServer(export, store, limits, clock, adaptable, loop, policy, token)
-    return Starlette(routes=server.routes(), middleware=[Middleware(RequestGuard, token_configured=token is not None)])
+    stop = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        purger = threading.Thread(target=purge_loop, args=(store, stop), name="kbi-purge", daemon=True)
+        purger.start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    return Starlette(routes=server.routes(), middleware=[Middleware(RequestGuard, token_configured=token is not None)],
+                     lifespan=lifespan)
 
 
 def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, source=None, loop=None, policy=None, token=None):

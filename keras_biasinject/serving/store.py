@@ -1,4 +1,6 @@
-"""Session state stores. `SQLiteStore` is the default: one embedded file, WAL mode.
+"""Session state stores. `SQLiteStore` is the default: one embedded file, WAL mode, for one server.
+`PostgresStore` keeps them in a PostgreSQL table that several replicas share. `open_store` picks
+one from `kbi serve --store`: a file path (SQLite) or a `postgresql://` URL.
 
 A store keeps, per session, the `DecayFeedback` state as it was right after the last update and
 that update's timestamp; decay to any later time is computed from them, so a restart changes
@@ -15,6 +17,7 @@ import json
 import sqlite3
 import threading
 import time
+import urllib.parse
 
 
 class SessionStore(abc.ABC):
@@ -31,9 +34,49 @@ class SessionStore(abc.ABC):
         expired session is passed as None and starts over; when a new session would exceed
         `max_sessions`, expired ones are deleted first (SessionLimitError if still full)."""
 
+    @abc.abstractmethod
+    def purge_expired(self, limit=1000):
+        """Deletes up to `limit` expired sessions without holding up updates; returns how many."""
+
 
 class SessionLimitError(Exception):
     """A new session would exceed the store's session limit."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (a database that is down or restarting). Nothing was stored
+    by the call that raised it, or, for an update whose commit was cut off, it cannot be known; the
+    server answers 503 and the client retries."""
+
+    def __init__(self, store, reason):
+        super().__init__(f"session store {store!r} cannot be reached: {reason}")
+        self.reason = reason
+
+
+def open_store(spec, ttl=None, clock=time.time):
+    """The store `spec` names: a `postgresql://` (or `postgres://`) URL, a `sqlite:///` URL, or a
+    file path (SQLite). ValueError for any other URL, a malformed one, or a store that cannot be
+    opened; the message never shows a password."""
+    text = str(spec)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else None
+    if scheme in ("postgresql", "postgres"):
+        return PostgresStore(text, ttl=ttl, clock=clock)
+    if scheme == "sqlite":
+        return SQLiteStore(text[len("sqlite://"):], ttl=ttl, clock=clock)
+    if scheme is not None:
+        raise ValueError(f"--store {masked(text)!r}: unknown store scheme {scheme!r}. Give a SQLite file path, "
+                         "sqlite:///PATH, or postgresql://USER@HOST:PORT/DATABASE.")
+    return SQLiteStore(text, ttl=ttl, clock=clock)
+
+
+def masked(url):
+    """`url` with its password, if any, replaced by `***`."""
+    head, sep, rest = str(url).partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return str(url)
+    userinfo, _, host = rest.partition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{head}://{user}{':***' if colon else ''}@{host}"
 
 
 def wal_mode(db, seconds=30.0):
@@ -128,6 +171,167 @@ class SQLiteStore(SessionStore):
             raise
         return list(map(float, state)), float(updated_at), updates
 
+    def purge_expired(self, limit=1000):
+        """Deletes up to `limit` expired sessions in one short write transaction; returns how many."""
+        if self.ttl is None:
+            return 0
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = db.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE touched_at < ? LIMIT ?)",
+                                 (self._expired_before(), limit)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return deleted
+
     @staticmethod
     def _count(db):
         return db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+
+
+class PostgresStore(SessionStore):
+    """Sessions in the table `kbi_sessions` of a PostgreSQL database, shared by every replica that is
+    given the same URL. One connection per thread. An update is one transaction that first takes a
+    transaction-level advisory lock on the session id, then reads, computes and writes the row: two
+    replicas' updates to one session never interleave (the second waits for the first's commit), and
+    updates of other sessions do not wait. A new session also takes one store-wide lock, so that the
+    session limit holds across replicas. Commits are synchronous, as PostgreSQL's default: once
+    `update` returns, the update survives a crash of the database server.
+
+    A dropped connection (the server restarted) is replaced on the next call. A call that fails before
+    its commit was sent is retried once on a new connection; otherwise `StoreUnavailable` is raised."""
+
+    TABLE = "kbi_sessions"
+    _NEW_SESSION_LOCK = 0x6B6269  # "kbi": taken by every update that creates a session
+
+    def __init__(self, url, ttl=None, clock=time.time, connect_timeout=5):
+        try:
+            import psycopg
+        except ImportError:
+            raise ValueError(f"--store {masked(url)!r} needs the PostgreSQL driver psycopg: "
+                             "pip install 'keras-biasinject[postgres]'.") from None
+        self._psycopg = psycopg
+        try:
+            urllib.parse.urlsplit(url).port  # noqa: B018  (raises ValueError for a port that is not a number)
+            psycopg.conninfo.conninfo_to_dict(url)
+        except (ValueError, psycopg.ProgrammingError) as error:
+            raise ValueError(f"--store {masked(url)!r} is not a valid PostgreSQL URL ({str(error).strip()}); "
+                             "give postgresql://USER@HOST:PORT/DATABASE.") from None
+        self.url = url
+        self.ttl = ttl or None
+        self.clock = clock
+        self.connect_timeout = connect_timeout
+        self._local = threading.local()
+        try:
+            self._create()
+        except (psycopg.Error, StoreUnavailable) as error:
+            reason = error.reason if isinstance(error, StoreUnavailable) else _reason(error)
+            raise ValueError(f"session store {masked(url)!r} cannot be opened ({reason}). Start the database "
+                             "or correct `--store`.") from None
+
+    def __repr__(self):
+        return f"PostgresStore({masked(self.url)!r})"
+
+    def _connect(self):
+        db = getattr(self._local, "db", None)
+        if db is None or db.closed or db.broken:
+            try:
+                db = self._psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout)
+            except self._psycopg.OperationalError as error:
+                raise StoreUnavailable(masked(self.url), _reason(error)) from None
+            self._local.db = db
+        return db
+
+    def _transaction(self, work):
+        """`work(cursor)` in one transaction, on this thread's connection; retried once on a new
+        connection when the connection failed before the commit was sent."""
+        for attempt in (0, 1):
+            db = self._connect()
+            committing = False
+            try:
+                with db.transaction():
+                    with db.cursor() as cursor:
+                        result = work(cursor)
+                    committing = True  # leaving the block sends COMMIT
+                return result
+            except self._psycopg.OperationalError as error:
+                if not (db.closed or db.broken):
+                    raise  # a statement failed on a healthy connection: a bug of ours, not an outage
+                if committing or attempt:
+                    raise StoreUnavailable(masked(self.url), f"the connection failed during a transaction: {_reason(error)}") from None
+
+    def _create(self):
+        def create(cursor):
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self._NEW_SESSION_LOCK,))  # replicas starting together
+            cursor.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.TABLE} (id TEXT PRIMARY KEY, state DOUBLE PRECISION[] NOT NULL, "
+                "updated_at DOUBLE PRECISION NOT NULL, updates BIGINT NOT NULL, touched_at DOUBLE PRECISION NOT NULL)"
+            )
+            cursor.execute(f"CREATE INDEX IF NOT EXISTS {self.TABLE}_touched ON {self.TABLE} (touched_at)")
+
+        self._transaction(create)
+
+    def _expired_before(self):
+        return float("-inf") if self.ttl is None else self.clock() - self.ttl
+
+    def _read(self, cursor, session_id):
+        cursor.execute(f"SELECT state, updated_at, updates FROM {self.TABLE} WHERE id = %s AND touched_at >= %s",
+                       (session_id, self._expired_before()))
+        row = cursor.fetchone()
+        return None if row is None else (list(map(float, row[0])), float(row[1]), int(row[2]))
+
+    def get(self, session_id):
+        return self._transaction(lambda cursor: self._read(cursor, session_id))
+
+    def update(self, session_id, fn, max_sessions):
+        def work(cursor):
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (session_id,))
+            current = self._read(cursor, session_id)
+            if current is None:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self._NEW_SESSION_LOCK,))
+                if self._count(cursor) >= max_sessions:
+                    cursor.execute(f"DELETE FROM {self.TABLE} WHERE touched_at < %s", (self._expired_before(),))
+                    if self._count(cursor) >= max_sessions:
+                        raise SessionLimitError(f"the server holds {max_sessions} sessions, its limit")
+            state, updated_at = fn(current)
+            state = [float(v) for v in state]
+            updates = 1 if current is None else current[2] + 1
+            cursor.execute(
+                f"INSERT INTO {self.TABLE} (id, state, updated_at, updates, touched_at) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at, "
+                "updates = excluded.updates, touched_at = excluded.touched_at",
+                (session_id, state, float(updated_at), updates, self.clock()),
+            )
+            return state, float(updated_at), updates
+
+        return self._transaction(work)
+
+    def purge_expired(self, limit=1000):
+        """Deletes up to `limit` expired sessions, skipping rows an update holds; returns how many."""
+        if self.ttl is None:
+            return 0
+
+        def work(cursor):
+            cursor.execute(
+                f"DELETE FROM {self.TABLE} WHERE id IN (SELECT id FROM {self.TABLE} WHERE touched_at < %s "
+                "LIMIT %s FOR UPDATE SKIP LOCKED)", (self._expired_before(), limit))
+            return cursor.rowcount
+
+        return self._transaction(work)
+
+    def close(self):
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    def _count(self, cursor):
+        cursor.execute(f"SELECT COUNT(*) FROM {self.TABLE}")
+        return cursor.fetchone()[0]
+
+
+def _reason(error):
+    """A driver error's first line, without the password the URL may hold."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
