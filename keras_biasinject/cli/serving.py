@@ -126,8 +126,9 @@ def cmd_serve(args):
                     max_clock_skew=args.max_clock_skew, session_ttl=args.session_ttl)  # each checked (ValueError)
     policy = serving_policy(args)
     print(f"serving {args.export_dir} on http://{args.host}:{args.port} (sessions: {masked(store)})", flush=True)
+    batching = (args.batch_max_size, args.batch_wait_ms / 1000.0) if args.batching else None
     serve(args.export_dir, store, host=args.host, port=args.port, source=args.source, limits=limits,
-          loop=LoopSettings(args.loop, target), policy=policy, token=token)
+          loop=LoopSettings(args.loop, target), policy=policy, token=token, batching=batching)
 
 
 def cmd_adapt(args):
@@ -180,6 +181,11 @@ def add_serving_commands(sub):
                    "postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE, which several replicas share")
     p.add_argument("--source", help="the run folder or .keras file behind the export: enables :adapt (self-tuning)")
     p.add_argument("--max-batch", type=int, default=64, help="examples per predict request (default 64)")
+    p.add_argument("--batching", action="store_true", help="gather concurrent predict and generate requests, each row "
+                   "with its own control or session, into one signature call (as TF Serving's --enable_batching)")
+    p.add_argument("--batch-max-size", type=int, default=32, help="with --batching: rows per gathered call (default 32)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="with --batching: how long the first request of a batch waits for others, in ms (default 5)")
     p.add_argument("--max-sequence", type=int, default=1024, help="tokens per example (default 1024)")
     p.add_argument("--max-sessions", type=int, default=100_000, help="sessions kept (default 100000)")
     p.add_argument("--loop", choices=["off", "self"], default="off",

@@ -52,6 +52,7 @@ from starlette.routing import Route
 
 from keras_biasinject.export.saved_model import export_saved_model
 from keras_biasinject.serving.adapt import guarded_adapt
+from keras_biasinject.serving.batching import Batcher
 from keras_biasinject.serving.guard import RequestGuard, loopback_name
 from keras_biasinject.serving.loop import (
     LoopSettings, SessionMoved, check_settings, loop_request, mean_reading, self_feedback,
@@ -105,7 +106,7 @@ class SessionServer:
     store, the limits, the clock, with `--source` the `AdaptableModel` behind `:adapt` and its
     `AdaptPolicy`, the bearer token, and the loop's defaults."""
 
-    def __init__(self, export, store, limits, clock, adaptable=None, loop=None, policy=None, token=None):
+    def __init__(self, export, store, limits, clock, adaptable=None, loop=None, policy=None, token=None, batching=None):
         self.export = export  # swapped whole when `:adapt` publishes a version; requests in flight keep theirs
         self.store = store  # a `SessionStore`: per session, the state after its last update, and when
         self.limits = limits  # a `Limits`
@@ -115,6 +116,8 @@ class SessionServer:
         self.token = token  # the bearer token state-changing requests need, or None (loopback only)
         self.loop = check_settings(export, loop or LoopSettings())  # `kbi serve --loop`, `--loop-target`
         self.loop_locks = [threading.Lock() for _ in range(64)]  # loop requests of one session take turns here
+        # `kbi serve --batching`: (max rows, max wait in seconds) -> concurrent requests share signature calls
+        self.batcher = None if batching is None else Batcher(self.run_signature, *batching)
         self.heldout = None
         if self.policy.enabled:  # the server's held-out set, checked once at start (ValueError)
             if adaptable is None:
@@ -224,8 +227,16 @@ class SessionServer:
         return predict_answer({k: v.tolist() for k, v in outputs.items()}, rows)
 
     def run(self, export, signature, columns):
-        """{output name: numpy array}: `signature` of `export` on the checked `columns`."""
+        """{output name: numpy array}: `signature` of `export` on the checked `columns`; with batching,
+        in one call with the concurrent requests that fit beside it (batching.py)."""
         tensors = signature_tensors(signature, export.specs[signature], columns, self.limits, export.vocabulary_size)
+        if self.batcher is None:
+            return self.run_signature(export, signature, tensors)
+        return self.batcher.call(export, signature, {k: v.numpy() for k, v in tensors.items()})
+
+    @staticmethod
+    def run_signature(export, signature, tensors):
+        """One call of `signature`; a 400 when the model refuses the inputs."""
         try:
             return {k: v.numpy() for k, v in export.signatures[signature](**tensors).items()}
         except (tf.errors.InvalidArgumentError, ValueError) as error:
@@ -496,18 +507,20 @@ def purge_loop(store, stop, every=PURGE_EVERY_S):
             logger.warning("purging expired sessions failed: %s", error)
 
 
-def create_app(export_dir, store_path, limits=None, clock=time.time, source=None, loop=None, policy=None, token=None):
+def create_app(export_dir, store_path, limits=None, clock=time.time, source=None, loop=None, policy=None, token=None,
+               batching=None):
     """The Starlette app that serves `export_dir` (`<base>/<name>` or one version folder), with its
     sessions in the store `store_path` names (a SQLite file, or a `postgresql://` URL that replicas
     share: `open_store`), expired ones purged in the background, and, given `source` (the run folder or .keras file behind
     the export) and a `policy` that enables it, `:adapt`. `clock` gives the time of requests that send
     none; `loop` (a `LoopSettings`) the serving loop's defaults, checked against the export here
-    (ValueError); `token` the bearer token that state-changing requests need (None: none needed)."""
+    (ValueError); `token` the bearer token that state-changing requests need (None: none needed);
+    `batching` (max rows, max wait in seconds) gathers concurrent requests into shared calls (None: off)."""
     limits = limits or Limits()
     store = open_store(store_path, ttl=limits.session_ttl, clock=clock)  # first: a bad --store fails fast (ValueError)
     export = LoadedExport(export_dir)
     adaptable = None if source is None else AdaptableModel(source)
-    server = SessionServer(export, store, limits, clock, adaptable, loop, policy, token)
+    server = SessionServer(export, store, limits, clock, adaptable, loop, policy, token, batching)
     stop = threading.Event()
 
     @contextlib.asynccontextmanager
@@ -523,7 +536,8 @@ def create_app(export_dir, store_path, limits=None, clock=time.time, source=None
                      lifespan=lifespan)
 
 
-def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, source=None, loop=None, policy=None, token=None):
+def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, source=None, loop=None, policy=None, token=None,
+          batching=None):
     """Runs the server until interrupted (binds loopback unless `host` says otherwise; any other
     address needs a `token`)."""
     import uvicorn  # lazy: only `serve` runs a server; `create_app` (tests, other ASGI servers) needs no uvicorn
@@ -532,5 +546,5 @@ def serve(export_dir, store_path, host="127.0.0.1", port=8501, limits=None, sour
         raise ValueError(f"serve: --host {host} reaches beyond this machine; pass --token-file FILE so that only "
                          "holders of the token can change state (or bind 127.0.0.1).")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(export_dir, store_path, limits, source=source, loop=loop, policy=policy, token=token)
+    app = create_app(export_dir, store_path, limits, source=source, loop=loop, policy=policy, token=token, batching=batching)
     uvicorn.run(app, host=host, port=port, log_level="warning")
