@@ -22,6 +22,7 @@ gone (its writer's lock is free, or without a lock file an hour untouched; see
 `keras_biasinject.atomic`).
 """
 
+import inspect
 import json
 import os
 import tempfile
@@ -71,9 +72,17 @@ def export_saved_model(model, base_dir, name="model", version=None, *, control=N
         model = merge(model, control)
     archive = build_archive(model, feedback)
     metadata = export_metadata(feedback, getattr(model, "feedback_head", None), vocabulary_size_of(model))
+    if isinstance(model, InjectedModel):  # what a server sends when a text request names no control
+        metadata["neutral_control"] = [float(v) for v in model._neutral_vector()]
+    preprocessor = getattr(model, "preprocessor", None)
+    if preprocessor is not None:
+        metadata["task"] = "causal_lm" if isinstance(model, keras_hub.models.CausalLM) else "classifier"
+    backbone = model.backbone if isinstance(model, keras_hub.models.Task) else model
+    if isinstance(getattr(backbone, "max_sequence_length", None), int):  # learned positions: no token beyond them
+        metadata["max_sequence_length"] = backbone.max_sequence_length
     extra = {METADATA_FILE: json.dumps(metadata)} if metadata else {}
     with preprocessor_detached(model):  # tokenizers need tensorflow-text ops; the export takes token ids
-        write_version(archive, final, overwrite=overwrite, extra=extra)
+        write_version(archive, final, overwrite=overwrite, extra=extra, preprocessor=preprocessor)
     return str(final)
 
 
@@ -169,15 +178,39 @@ def vocabulary_size_of(model):
     return int(size) if isinstance(size, (int, np.integer)) and not isinstance(size, bool) else None
 
 
-def write_version(archive, final, overwrite=False, extra=None):
-    """Writes `archive` to the folder `final` in one rename, with `extra` ({file name: text}) in
-    `assets.extra/`, which TF Serving ignores."""
+PREPROCESSOR_FOLDER = "preprocessor"  # in the version's assets.extra/: the model's own tokenizer, a KerasHub preset
+
+
+def write_version(archive, final, overwrite=False, extra=None, preprocessor=None):
+    """Writes `archive` to the folder `final` in one rename, with `extra` ({file name: text}) and the
+    model's KerasHub `preprocessor` (as a preset, for `kbi serve`'s text routes) in `assets.extra/`,
+    which TF Serving ignores."""
     with atomic_dir(final, overwrite=overwrite) as tmp:  # `.<version>.partial-XXXX`: TF Serving skips it
         archive.write_out(str(tmp), verbose=False)  # an existing empty folder is fine for write_out
-        if extra:
+        if extra or preprocessor is not None:
             (tmp / "assets.extra").mkdir(exist_ok=True)
-            for file_name, text in extra.items():
-                (tmp / "assets.extra" / file_name).write_text(text)
+        for file_name, text in (extra or {}).items():
+            (tmp / "assets.extra" / file_name).write_text(text)
+        if preprocessor is not None:
+            preprocessor.save_to_preset(str(tmp / "assets.extra" / PREPROCESSOR_FOLDER))
+            complete_tokenizer_config(tmp / "assets.extra" / PREPROCESSOR_FOLDER / "preprocessor.json", preprocessor.tokenizer)
+
+
+def complete_tokenizer_config(path, tokenizer):
+    """Adds to the saved preprocessor config the special tokens that KerasHub 0.32's Llama 3
+    tokenizer takes but leaves out of `get_config` (`bos_token`, `eos_token`, `misc_special_tokens`):
+    without them it reloads with Meta's defaults, which a converted tokenizer (SmolLM2's) lacks."""
+    params = inspect.signature(type(tokenizer).__init__).parameters
+    saved = json.loads(path.read_text())
+    config = saved["config"]["tokenizer"]["config"]
+    attrs = getattr(tokenizer, "_special_token_attrs", [])
+    found = {"bos_token": getattr(tokenizer, "start_token", None) if "start_token" in attrs else None,
+             "eos_token": getattr(tokenizer, "end_token", None) if "end_token" in attrs else None,
+             "misc_special_tokens": sorted(getattr(tokenizer, a) for a in attrs if a.startswith("special_token_"))}
+    missing = {k: v for k, v in found.items() if k in params and k not in config}
+    if missing:
+        config.update(missing)
+        path.write_text(json.dumps(saved, indent=4))
 
 
 def export_metadata(feedback=None, head=None, vocabulary_size=None):

@@ -86,7 +86,7 @@ def load(spec, task=None, *, num_classes=None, sequence_length=None, dtype=None,
         preprocessor = keras_hub.models.CausalLMPreprocessor.from_preset(preset, **preprocessor_kwargs)
         tokenizer_config = _tokenizer_config(preset)
         if tokenizer_config.get("add_bos_token") is False:
-            _drop_start_token(preprocessor)
+            drop_start_token(preprocessor)
         if tokenizer_config.get("chat_template"):  # prompt/response data render through it (data/chat.py)
             preprocessor.tokenizer.chat_template = tokenizer_config["chat_template"]
         return preprocessing_built(task_cls(backbone=backbone, preprocessor=preprocessor))
@@ -240,7 +240,7 @@ def _task_class(base, backbone, spec, task):
     return matches[0]
 
 
-def _drop_start_token(preprocessor):
+def drop_start_token(preprocessor):
     """Make training and `generate` both pack without a start token (KerasHub's generate ignores
     `add_start_token` and uses the packer's `start_value`)."""
     preprocessor.add_start_token = False

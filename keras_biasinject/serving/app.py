@@ -52,6 +52,7 @@ from starlette.routing import Route
 
 from keras_biasinject.export.saved_model import export_saved_model
 from keras_biasinject.serving.adapt import guarded_adapt
+from keras_biasinject.serving import text as text_routes
 from keras_biasinject.serving.batching import Batcher
 from keras_biasinject.serving.guard import RequestGuard, loopback_name
 from keras_biasinject.serving.loop import (
@@ -386,6 +387,16 @@ class SessionServer:
         _, control = self.decay(export, session_id, stored, updated_at)
         return {"session": session_id, "state": state, "control": control, "updated_at": updated_at, "updates": updates}
 
+    def session_control(self, export, body):
+        """The control of the session `body["session"]` at `body["timestamp"]` (default now); a session
+        that does not exist yet is at its neutral state."""
+        session_id = body["session"]
+        checked_session_id(session_id, "`session`")
+        at = finite_number(body.get("timestamp", self.clock()), "`timestamp`")
+        sessions = self.export_with_sessions(export)
+        _, control = self.decay(sessions, session_id, self.store.get(session_id), at)
+        return control
+
     def show(self, session_id, at):
         checked_session_id(session_id)
         export = self.export_with_sessions()
@@ -407,7 +418,12 @@ class SessionServer:
             return await self.handle(request, lambda body: self.predict(name, body, authorization))
         if verb == "adapt":
             return await self.handle(request, lambda body: self.adapt(name, body, authorization))
-        return JSONResponse({"error": f"unknown method {shown(verb)}; this server answers :predict and :adapt."}, 404)
+        if verb == "generate":
+            return await self.handle(request, lambda body: text_routes.generate(self, self.export_named(name), body))
+        if verb == "classify":
+            return await self.handle(request, lambda body: text_routes.classify(self, self.export_named(name), body))
+        return JSONResponse({"error": f"unknown method {shown(verb)}; this server answers :predict, :generate, :classify "
+                                      "and :adapt."}, 404)
 
     async def metadata_route(self, request):
         return answer(self.metadata, request.path_params["name"])

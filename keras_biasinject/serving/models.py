@@ -52,6 +52,34 @@ class LoadedExport:
         self.head = self.extra.get("feedback_head")
         vocabulary_size = self.extra.get("vocabulary_size")  # token ids must lie below it; None: unknown
         self.vocabulary_size = vocabulary_size if type(vocabulary_size) is int and vocabulary_size > 0 else None
+        self.task = self.extra.get("task")  # "causal_lm" or "classifier" when the export kept its preprocessor
+        self.neutral_control = self.extra.get("neutral_control")  # the control text routes default to
+        self._preprocessor = None
+        self._preprocessor_lock = threading.Lock()
+
+    def preprocessor(self):
+        """The model's own KerasHub preprocessor, kept beside the export (`assets.extra/preprocessor`), loaded
+        at first use; None for an export without one (made before text routes, or from a bare backbone)."""
+        folder = self.path / "assets.extra" / "preprocessor"
+        if not folder.is_dir():
+            return None
+        with self._preprocessor_lock:
+            if self._preprocessor is None:
+                import keras_hub  # noqa: F401  (lazy: only the text routes need it; registers its classes)
+
+                # As KerasHub's preset loader does, without its need for the backbone's config.json beside it.
+                config = json.loads((folder / "preprocessor.json").read_text())
+                tokenizer = config["config"]["tokenizer"]["config"]
+                if isinstance(tokenizer.get("misc_special_tokens"), list):  # a set in Llama 3's tokenizer; JSON has lists
+                    tokenizer["misc_special_tokens"] = set(tokenizer["misc_special_tokens"])
+                preprocessor = keras.saving.deserialize_keras_object(config)
+                preprocessor.load_preset_assets(str(folder))
+                if getattr(preprocessor, "add_start_token", True) is False:  # `load` turned it off (the config keeps
+                    from keras_biasinject.models.load import drop_start_token  # that, the packer needs telling again)
+
+                    drop_start_token(preprocessor)
+                self._preprocessor = preprocessor
+        return self._preprocessor
 
     def specs_out(self, signature):
         """{output name: TensorSpec} of `signature`."""

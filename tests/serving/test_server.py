@@ -58,8 +58,8 @@ def oversized(port, path, length):
 
 
 class Server:
-    def __init__(self, export_dir, store, extra=()):
-        self.export_dir, self.store, self.port, self.extra = export_dir, store, free_port(), list(extra)
+    def __init__(self, export_dir, store, extra=(), name="lm"):
+        self.export_dir, self.store, self.port, self.extra, self.name = export_dir, store, free_port(), list(extra), name
         self.start()
 
     def start(self):
@@ -74,7 +74,7 @@ class Server:
                 self.log.seek(0)
                 raise RuntimeError(self.log.read().decode()[-3000:])
             try:
-                if call(self.port, "GET", "/v1/models/lm", timeout=2)[0] == 200:
+                if call(self.port, "GET", f"/v1/models/{self.name}", timeout=2)[0] == 200:
                     return
             except OSError:
                 pass
