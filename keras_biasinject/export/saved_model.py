@@ -10,7 +10,10 @@ is merged into the weights and `serve` has no `control` input: the base model's 
 beyond the signatures: a `DecayFeedback`'s config and weights (so that it can publish a new version
 after self-tuning), a feedback head's `feedback_dim`, `pooling`, `activation` and reading range
 (so that `kbi serve --loop self` knows there is a reading to steer by and which targets it can reach),
-and the backbone's `vocabulary_size` (so that a server refuses token ids beyond it).
+the backbone's `vocabulary_size` (so that a server refuses token ids beyond it) and, for `kbi
+serve`'s text routes, the task, the neutral control and the learned-position limit. Beside it,
+`assets.extra/preprocessor/` holds the model's own KerasHub preprocessor as a preset (tokenizer
+included), when the model has one.
 
 Every check runs before the archive is built or anything is written: the name, the version (a
 positive int64, TF Serving's type), a `DecayFeedback` as wide as the model's control (and its

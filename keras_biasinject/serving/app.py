@@ -8,6 +8,11 @@ Routes (TF Serving's, so its clients work unchanged):
   (or `kbi serve --loop self`) and an export with a feedback head, the head's reading of the answer
   also updates the session (`"target"` optional), committed before the answer, which says how
   under `"loop"` (loop.py).
+- `POST /v1/models/<name>:generate` (`{"prompt", "max_tokens"?, "control"? | "session"?}`) and
+  `POST /v1/models/<name>:classify` (`{"text", "control"? | "session"?}`): text in and out through the
+  model's own preprocessor, kept beside the export (text.py). They only read sessions.
+With `kbi serve --batching`, concurrent predict, generate and classify requests of one signature and
+shape share one signature call, each row with its own control (batching.py).
 Sessions (need an export with a `feedback_step` signature: `kbi export --feedback-half-life`):
 - `POST /v1/sessions/<id>/feedback`: `{"feedback": [...]}` or `{"rating": r}`, `"timestamp"`
   optional (seconds; default now; at most `max_clock_skew` ahead of the server's clock), `"reset":
@@ -28,8 +33,9 @@ Anything else is logged with its request id and answered 500 with that id only.
 
 `SessionServer` answers them, one method per route. Beside it: `rest.py` (request bodies checked,
 `Limits`, `BadRequest`), `models.py` (`LoadedExport`, `AdaptableModel`), `store.py` (session
-states), `guard.py` (the checks before any route), `loop.py` (the serving loop's checks and
-arithmetic) and `adapt.py` (the guarded training steps).
+states: SQLite, or PostgreSQL shared by replicas; a store that is down answers 503 with Retry-After),
+`guard.py` (the checks before any route), `loop.py` (the serving loop's checks and arithmetic),
+`adapt.py` (the guarded training steps), `text.py` (the text routes) and `batching.py`.
 """
 
 import contextlib

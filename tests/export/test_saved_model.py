@@ -196,7 +196,8 @@ def test_a_feedback_head_adds_feedback_to_serve_and_generate_and_changes_nothing
 
     assert metadata_of(path)["feedback_head"] == {"feedback_dim": 1, "pooling": "last", "activation": "sigmoid",
                                                   "reading_range": [0.0, 1.0]}
-    assert sorted(metadata_of(plain_path)) == ["feedback", "vocabulary_size"]  # no head: no head's metadata
+    # no head: no head's metadata; an injected model's neutral control and GPT2's learned-position limit for the text routes
+    assert sorted(metadata_of(plain_path)) == ["feedback", "max_sequence_length", "neutral_control", "vocabulary_size"]
     assert metadata_of(path)["feedback"] == metadata_of(plain_path)["feedback"]
     assert metadata_of(path)["vocabulary_size"] == metadata_of(plain_path)["vocabulary_size"] == VOCAB
 
@@ -231,10 +232,11 @@ def test_a_classifier_head_reads_pooled_and_merging_asks_to_take_it_off(tmp_path
     for key in ("logits", "probabilities"):
         assert np.array_equal(served[key].numpy(), before[key].numpy())
     np.testing.assert_allclose(served["feedback"].numpy(), clf.read_feedback(x, control=c), rtol=0, atol=1e-6)
+    text = {"max_sequence_length": kwargs["max_sequence_length"], "neutral_control": [0.0]}  # for the text routes
     assert metadata_of(path) == {"feedback_head": {"feedback_dim": 2, "pooling": "first", "activation": "linear",
                                                    "reading_range": [None, None]},  # unbounded: null, not Infinity
-                                 "vocabulary_size": V}
-    assert metadata_of(plain_path) == {"vocabulary_size": V}  # no head, no DecayFeedback: the vocabulary alone
+                                 "vocabulary_size": V, **text}
+    assert metadata_of(plain_path) == {"vocabulary_size": V, **text}  # no head, no DecayFeedback; no preprocessor: no task
 
     with pytest.raises(ValueError, match="plain BertTextClassifier, which cannot carry the feedback head. Export without `control`"):
         export_saved_model(clf, tmp_path, "merged", control=[1.0])
