@@ -124,6 +124,23 @@ def table():
             f"| closed loop, {r['lm']} (own feedback head; last 10 of {r['turns']} turns x {r['prompts_per_turn']}; table and plot below) "
             f"| {tracked}; open loop neutral {r['summary']['open_loop_neutral_share']:.2f}; head agrees with the judge on "
             f"{h['agreement_with_judge']:.2f} of 128 | within 0.1 of each target | `python bench/closed_loop.py` |")
+    if (r := load("serving")):
+        for model, label in (("minilm", "MiniLM `:classify`"), ("smollm2", "SmolLM2 `:generate`, 16 new tokens")):
+            runs, summary = r["runs"], r["summary"][model]
+
+            def at(batched, clients, distinct, runs=runs, model=model):
+                return runs[f"{model} {'batched' if batched else 'unbatched'} {clients} clients {'16 controls' if distinct else '1 control'}"]
+
+            u, b, b16 = at(False, 16, False), at(True, 16, False), at(True, 16, True)
+            ceiling = r.get("signature_ceiling", {}).get(model)
+            lines.append(
+                f"| serving, {label}, 16 clients ({r['device']}) | unbatched {u['requests_per_s']:.1f} req/s (p50 {u['p50_ms']:.0f} ms, "
+                f"p99 {u['p99_ms']:.0f} ms), batched {b['requests_per_s']:.1f} req/s (p50 {b['p50_ms']:.0f}, p99 {b['p99_ms']:.0f}): "
+                f"{summary['batched_vs_unbatched_rps_16_clients']['1 control']:.2f}x; 16 distinct controls "
+                f"{b16['requests_per_s']:.1f} req/s ({summary['distinct_vs_one_control_rps_16_clients_batched']:.2f}x one); batched = "
+                f"unbatched within {summary['max_abs_diff_batched_vs_unbatched']:g}"
+                + (f"; the signature alone: batch 16 gives {ceiling['batch 16 vs batch 1 rows_per_s']:.1f}x the rows/s of batch 1" if ceiling else "")
+                + " | >= 3x; >= 0.9x; <= 1e-5 | `python bench/serving.py` |")
     if (r := load("size")):
         for name, m in r["models"].items():
             lines.append(

@@ -10,7 +10,8 @@ keep-alive connection that sends its requests one after another. Before timing, 
 unbatched server answer the same 16 requests, and the largest difference is recorded (goal: 1e-5).
 Goals: with batching at least 3x the requests per second at 16 clients; 16 distinct controls within
 10% of the throughput with one.
-Run: python bench/serving.py [--requests 8]  -> bench/results/serving.json
+It also times each signature alone at batch 1 and 16 (`signature_ceiling`): what batching can gain at most.
+Run: python bench/serving.py [--requests 8] [--ceiling-only]  -> bench/results/serving.json
 """
 
 import argparse
@@ -168,12 +169,51 @@ def difference(a, b, model):
     return 0.0 if [x["text"] for x in a] == [y["text"] for y in b] else float("inf")
 
 
+def ceiling(paths, rounds=5):
+    """What batching can gain at most: rows per second of each model's signature alone, in this process
+    (no HTTP, no tokenizing), at batch 1 and 16, calls interleaved, medians."""
+    from timing import interleaved, summary
+
+    from keras_biasinject.serving.app import SessionServer
+    from keras_biasinject.serving.models import LoadedExport
+    from keras_biasinject.serving.text import numpy
+
+    out = {}
+    for model, path in paths.items():
+        export = LoadedExport(path)
+        pre = export.preprocessor()
+        fns = {}
+        for n in (1, 16):
+            control = {"control": np.full((n, 1), 0.7, "float32")}
+            if model == "minilm":
+                x = {k: v for k, v in numpy(pre(REVIEWS[:n])).items() if k in export.specs["serve"]}
+                inputs, signature = {**x, **control}, "serve"
+            else:
+                prompt_tokens = int(numpy(pre.generate_preprocess(["This tea is"]))["padding_mask"].sum())
+                x = numpy(pre.generate_preprocess(["This tea is"] * n, sequence_length=prompt_tokens + 16))
+                inputs, signature = {**x, **control}, "generate"
+            fns[n] = (lambda i, s: (lambda: SessionServer.run_signature(export, s, i)))(inputs, signature)
+        times = summary(interleaved(fns, rounds=rounds, warmup=1))
+        out[model] = {f"batch {n}": {"median_ms": t["median_ms"], "rows_per_s": n / (t["median_ms"] / 1000)} for n, t in times.items()}
+        out[model]["batch 16 vs batch 1 rows_per_s"] = out[model]["batch 16"]["rows_per_s"] / out[model]["batch 1"]["rows_per_s"]
+        print(model, out[model], flush=True)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=8, help="requests per client and configuration (SmolLM2: a quarter)")
+    parser.add_argument("--ceiling-only", action="store_true",
+                        help="only the signatures' rows/s at batch 1 and 16, added to an existing bench/results/serving.json")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="kbi-bench-serving-")
     paths = exports(folder)
+    if args.ceiling_only:
+        path = Path(__file__).resolve().parent / "results" / "serving.json"
+        result = json.loads(path.read_text())
+        result["signature_ceiling"] = ceiling(paths)
+        write("serving", result)
+        return
     results, diffs = {}, {}
     for model, export in paths.items():
         requests = args.requests if model == "minilm" else max(1, args.requests // 4)
@@ -201,7 +241,8 @@ def main():
         "distinct_vs_one_control_rps_16_clients_batched": rps(model, True, 16, True) / rps(model, True, 16, False),
         "max_abs_diff_batched_vs_unbatched": diffs[model],
     } for model in paths}
-    write("serving", {"models": {"minilm": "all-MiniLM-L6-v2 classifier, 128 tokens, :classify",
+    signature_ceiling = ceiling(paths)
+    write("serving", {"signature_ceiling": signature_ceiling, "models": {"minilm": "all-MiniLM-L6-v2 classifier, 128 tokens, :classify",
                                  "smollm2": "SmolLM2-135M-Instruct fp32, 16 new tokens, :generate"},
                       "batching": {"max_size": 16, "wait_ms": 5}, "requests_per_client": {"minilm": args.requests,
                       "smollm2": max(1, args.requests // 4)}, "runs": results, "summary": summary, "goals": GOALS, **device()})

@@ -27,7 +27,7 @@ def llama(tmp_path_factory):
         v.assign(rng.normal(scale=0.5, size=v.shape).astype("float32"))
     lm.compile(sampler="greedy")
     export_saved_model(lm, folder / "serving", "lm", feedback=DecayFeedback(control_dim=1, half_life=10.0))
-    server = Server(folder / "serving" / "lm", folder / "sessions.sqlite", extra=["--max-sequence", "24"])
+    server = Server(folder / "serving" / "lm", folder / "sessions.sqlite", extra=["--max-sequence", "24"])  # and --max-batch 8
     yield lm, server
     server.kill(signal.SIGTERM)
 
@@ -97,6 +97,8 @@ def test_generate_defaults_to_the_neutral_control_and_reads_sessions(llama):
     ({"prompt": " the", "control": [1.0], "session": "x"}, 400, "send `control` or `session`, not both"),
     ({"prompt": " the", "temperature": 0.7}, 400, r":generate takes .*unknown \['temperature'\]"),
     ({"text": "a review"}, 400, r":generate takes"),
+    ({"prompt": [" the"] * 9}, 400, r"`prompt` holds 9 texts, over the limit of 8 \(kbi serve --max-batch\)"),
+    ({"prompt": " the", "session": "bad id!"}, 400, r"`session` must be 1 to 128 characters"),
 ])
 def test_bad_generate_requests_get_a_clear_4xx_and_the_server_keeps_serving(llama, payload, status, message):
     import re
