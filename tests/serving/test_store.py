@@ -156,3 +156,24 @@ def test_bad_store_urls_are_refused_clearly(pg):
         open_store("mysql://kbi:pw@127.0.0.1/x")
     with pytest.raises(ValueError, match=r"cannot be opened.*database \"nope\" does not exist"):
         open_store(pg.url.rsplit("/", 1)[0] + "/nope")
+
+
+def test_the_servers_purge_loop_deletes_expired_sessions_in_the_background(tmp_path):
+    import time
+
+    from keras_biasinject.serving.app import purge_loop
+
+    clock = Clock(1000.0)
+    store = SQLiteStore(tmp_path / "purge.sqlite", ttl=10.0, clock=clock)
+    for k in range(3):
+        store.update(f"s{k}", plus_one(), 100)
+    clock.now = 1020.0  # all three expired
+    stop = threading.Event()
+    purger = threading.Thread(target=purge_loop, args=(store, stop, 0.05))
+    purger.start()
+    deadline = time.time() + 30
+    while store._count(store._connect()) and time.time() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    purger.join()
+    assert store._count(store._connect()) == 0
