@@ -90,6 +90,8 @@ def generate(server, export, body):
     cap = min(server.limits.max_sequence, export.extra.get("max_sequence_length") or server.limits.max_sequence)
     probe = numpy(preprocessor.generate_preprocess(prompts, sequence_length=cap + 1))
     lengths = probe["padding_mask"].sum(axis=1).astype(int)
+    if int(lengths.min()) == 0:
+        raise BadRequest("a prompt is empty (no tokens); send at least one character to continue from.")
     if int(lengths.max()) + max_tokens > cap:
         longest = int(lengths.max())
         raise BadRequest(f"the prompt is {longest} tokens (special tokens included); with max_tokens {max_tokens} that is "

@@ -99,6 +99,7 @@ def test_generate_defaults_to_the_neutral_control_and_reads_sessions(llama):
     ({"text": "a review"}, 400, r":generate takes"),
     ({"prompt": [" the"] * 9}, 400, r"`prompt` holds 9 texts, over the limit of 8 \(kbi serve --max-batch\)"),
     ({"prompt": " the", "session": "bad id!"}, 400, r"`session` must be 1 to 128 characters"),
+    ({"prompt": [" the", ""]}, 400, r"a prompt is empty \(no tokens\)"),
 ])
 def test_bad_generate_requests_get_a_clear_4xx_and_the_server_keeps_serving(llama, payload, status, message):
     import re
