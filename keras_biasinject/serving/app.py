@@ -460,8 +460,10 @@ class SessionServer:
             return error_response(error)
         except StoreUnavailable as error:  # the database is down or restarting: nothing was acknowledged
             logger.warning("%s", error)
-            return JSONResponse({"error": "the session store is unavailable; nothing was stored. Retry in a few seconds."},
-                                503, headers={"Retry-After": str(RETRY_AFTER_S)})
+            message = ("the session store failed while committing; the update may or may not be stored. Read the session "
+                       "(GET, its `updates`) before sending it again." if error.outcome_unknown else
+                       "the session store is unavailable; nothing was stored. Retry in a few seconds.")
+            return JSONResponse({"error": message}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
         except Exception:
             request_id = request.scope.get("state", {}).get("request_id", "-")
             logger.exception("request %s (%s %s) failed", request_id, request.method, request.url.path)

@@ -44,13 +44,15 @@ class SessionLimitError(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The store cannot be reached now (a database that is down or restarting). Nothing was stored
-    by the call that raised it, or, for an update whose commit was cut off, it cannot be known; the
-    server answers 503 and the client retries."""
+    """The store cannot be reached now (a database that is down or restarting, a lock or statement
+    that timed out). Nothing was stored by the call that raised it, unless `outcome_unknown`: the
+    connection broke while the commit was on its way, so the update may or may not be stored. The
+    server answers 503 and says which."""
 
-    def __init__(self, store, reason):
+    def __init__(self, store, reason, outcome_unknown=False):
         super().__init__(f"session store {store!r} cannot be reached: {reason}")
         self.reason = reason
+        self.outcome_unknown = outcome_unknown
 
 
 def open_store(spec, ttl=None, clock=time.time):
@@ -70,13 +72,36 @@ def open_store(spec, ttl=None, clock=time.time):
 
 
 def masked(url):
-    """`url` with its password, if any, replaced by `***`."""
+    """`url` with its password, if any, replaced by `***`: in the user info (which ends at the last `@`
+    before the query, so a password holding `/` or `@` is masked whole) and in a `password=` parameter."""
     head, sep, rest = str(url).partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
+    if not sep:
         return str(url)
-    userinfo, _, host = rest.partition("@")
-    user, colon, _ = userinfo.partition(":")
-    return f"{head}://{user}{':***' if colon else ''}@{host}"
+    base, qmark, query = rest.partition("?")
+    if "@" in base:
+        userinfo, host = base.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        base = f"{user}{':***' if colon else ''}@{host}"
+    if qmark:
+        query = "&".join("password=***" if part.lower().startswith("password=") else part for part in query.split("&"))
+    return f"{head}://{base}{qmark}{query}"
+
+
+def scrubbed(text, url):
+    """`text` (a driver's message) without any password that `url` holds, raw or percent-decoded."""
+    secrets = set()
+    head, sep, rest = str(url).partition("://")
+    base, _, query = rest.partition("?")
+    if sep and "@" in base:
+        userinfo = base.rsplit("@", 1)[0]
+        password = userinfo.partition(":")[2]
+        secrets.add(password)  # and, as libpq splits at the first '@', the pieces it may take for a host
+        secrets.update(password.split("@")[1:] + userinfo.split("@")[1:])
+    secrets.update(part[len("password="):] for part in query.split("&") if part.lower().startswith("password="))
+    secrets.update({urllib.parse.unquote(v) for v in secrets})
+    for secret in sorted((v for v in secrets if len(v) >= 3), key=len, reverse=True):  # shorter ones would mangle the text
+        text = text.replace(secret, "***")
+    return text
 
 
 def wal_mode(db, seconds=30.0):
@@ -217,9 +242,15 @@ class PostgresStore(SessionStore):
             urllib.parse.urlsplit(url).port  # noqa: B018  (raises ValueError for a port that is not a number)
             psycopg.conninfo.conninfo_to_dict(url)
         except (ValueError, psycopg.ProgrammingError) as error:
-            raise ValueError(f"--store {masked(url)!r} is not a valid PostgreSQL URL ({str(error).strip()}); "
+            raise ValueError(f"--store {masked(url)!r} is not a valid PostgreSQL URL ({scrubbed(str(error).strip(), url)}); "
                              "give postgresql://USER@HOST:PORT/DATABASE.") from None
         self.url = url
+        # A replica cut off by the network must not hold a session's lock for ever: TCP keepalives find a
+        # dead peer in about 25 s, and no update waits more than 10 s for a lock or runs more than 30 s.
+        self._session_settings = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+        if "options" not in psycopg.conninfo.conninfo_to_dict(url):  # the URL's own options win
+            self._session_settings["options"] = ("-c lock_timeout=10000 -c statement_timeout=30000 "
+                                                 "-c idle_in_transaction_session_timeout=60000")
         self.ttl = ttl or None
         self.clock = clock
         self.connect_timeout = connect_timeout
@@ -227,7 +258,7 @@ class PostgresStore(SessionStore):
         try:
             self._create()
         except (psycopg.Error, StoreUnavailable) as error:
-            reason = error.reason if isinstance(error, StoreUnavailable) else _reason(error)
+            reason = error.reason if isinstance(error, StoreUnavailable) else scrubbed(_reason(error), url)
             raise ValueError(f"session store {masked(url)!r} cannot be opened ({reason}). Start the database "
                              "or correct `--store`.") from None
 
@@ -238,9 +269,9 @@ class PostgresStore(SessionStore):
         db = getattr(self._local, "db", None)
         if db is None or db.closed or db.broken:
             try:
-                db = self._psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout)
+                db = self._psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout, **self._session_settings)
             except self._psycopg.OperationalError as error:
-                raise StoreUnavailable(masked(self.url), _reason(error)) from None
+                raise StoreUnavailable(masked(self.url), scrubbed(_reason(error), self.url)) from None
             self._local.db = db
         return db
 
@@ -257,13 +288,23 @@ class PostgresStore(SessionStore):
                     committing = True  # leaving the block sends COMMIT
                 return result
             except self._psycopg.OperationalError as error:
+                reason = scrubbed(_reason(error), self.url)
                 if not (db.closed or db.broken):
+                    timeouts = (self._psycopg.errors.QueryCanceled, self._psycopg.errors.LockNotAvailable)
+                    if isinstance(error, timeouts):  # rolled back: nothing stored
+                        raise StoreUnavailable(masked(self.url), f"a lock or statement timed out: {reason}") from None
                     raise  # a statement failed on a healthy connection: a bug of ours, not an outage
-                if committing or attempt:
-                    raise StoreUnavailable(masked(self.url), f"the connection failed during a transaction: {_reason(error)}") from None
+                if committing:
+                    raise StoreUnavailable(masked(self.url), f"the connection broke while committing: {reason}",
+                                           outcome_unknown=True) from None
+                if attempt:
+                    raise StoreUnavailable(masked(self.url), f"the connection failed during a transaction: {reason}") from None
 
     def _create(self):
         def create(cursor):
+            cursor.execute("SELECT to_regclass(%s)", (self.TABLE,))
+            if cursor.fetchone()[0] is not None:  # there: a role with row rights only may serve it
+                return
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self._NEW_SESSION_LOCK,))  # replicas starting together
             cursor.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.TABLE} (id TEXT PRIMARY KEY, state DOUBLE PRECISION[] NOT NULL, "
@@ -276,9 +317,10 @@ class PostgresStore(SessionStore):
     def _expired_before(self):
         return float("-inf") if self.ttl is None else self.clock() - self.ttl
 
-    def _read(self, cursor, session_id):
-        cursor.execute(f"SELECT state, updated_at, updates FROM {self.TABLE} WHERE id = %s AND touched_at >= %s",
-                       (session_id, self._expired_before()))
+    def _read(self, cursor, session_id, lock=False):
+        """The live session's triple or None; `lock`: with its row locked, so that no purge deletes it meanwhile."""
+        cursor.execute(f"SELECT state, updated_at, updates FROM {self.TABLE} WHERE id = %s AND touched_at >= %s"
+                       + (" FOR UPDATE" if lock else ""), (session_id, self._expired_before()))
         row = cursor.fetchone()
         return None if row is None else (list(map(float, row[0])), float(row[1]), int(row[2]))
 
@@ -288,7 +330,7 @@ class PostgresStore(SessionStore):
     def update(self, session_id, fn, max_sessions):
         def work(cursor):
             cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (session_id,))
-            current = self._read(cursor, session_id)
+            current = self._read(cursor, session_id, lock=True)
             if current is None:
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self._NEW_SESSION_LOCK,))
                 if self._count(cursor) >= max_sessions:

@@ -177,3 +177,17 @@ def test_the_servers_purge_loop_deletes_expired_sessions_in_the_background(tmp_p
     stop.set()
     purger.join()
     assert store._count(store._connect()) == 0
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://kbi:se/cret@127.0.0.1:{port}/postgres",  # a '/' in the password, unencoded
+    "postgresql://kbi:pa%ZZss@127.0.0.1:{port}/postgres",  # a malformed escape that libpq quotes back
+    "postgresql://kbi:a@secret@127.0.0.1:{port}/postgres",  # an '@' in the password, unencoded
+    "postgresql://kbi@127.0.0.1:{port}/postgres?password=secret",
+])
+def test_no_error_shows_a_password(url):
+    url = url.format(port=free_port())
+    with pytest.raises(ValueError) as error:
+        open_store(url)
+    assert not any(secret in str(error.value) for secret in ("se/cret", "pa%ZZss", "secret")), str(error.value)
+    assert "***" in str(error.value)
