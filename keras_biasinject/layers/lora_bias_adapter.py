@@ -132,11 +132,16 @@ class LoRABiasAdapter(ControlAdapter):
             d = self.centred(control, y)  # (lead..., k)
             strength = ops.add(GATES[self.gate], ops.matmul(d, self.control_gain))  # (lead..., r)
             gated = ops.multiply(h, control_lib.align(strength, len(d.shape) - 1, len(h.shape)))
-        update = ops.multiply(projection.project_b(gated, self.lora_b), ops.cast(self.scale, y.dtype))
+        update = self.scaled(projection.project_b(gated, self.lora_b), y.dtype)
         y = ops.add(y, update)
         if control is not None:
             y = ops.add(y, self.control_bias(d, y))
         return y
+
+    def scaled(self, update, dtype):
+        """`update * (alpha / r)`. At the default `alpha = r` the factor is 1 and is left out: the values are
+        the same bit for bit, and training keeps no output-sized product (and its saved input) per adapter."""
+        return update if self.scale == 1.0 else ops.multiply(update, ops.cast(self.scale, dtype))
 
     def hoist(self, control):
         """`(strength, bias)` for a per-example `control` `[batch, k]`: `g + (c - neutral) U` (`[batch, r]`)
@@ -160,7 +165,7 @@ class LoRABiasAdapter(ControlAdapter):
             return self.adapted(inputs, self.own_control(control), under)
         h = self.projection.project_a(inputs, self.lora_a)  # (B, T, ..., r)
         gated = ops.multiply(h, strength)
-        update = ops.multiply(self.projection.project_b(gated, self.lora_b), ops.cast(self.scale, y.dtype))
+        update = self.scaled(self.projection.project_b(gated, self.lora_b), y.dtype)
         return ops.add(ops.add(y, update), bias)
 
     def merged_kernel(self, centred):
