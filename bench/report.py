@@ -8,6 +8,7 @@ RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 STEER_START, STEER_END = "<!-- steering-compare:start -->", "<!-- steering-compare:end -->"
 LOOP_START, LOOP_END = "<!-- closed-loop:start -->", "<!-- closed-loop:end -->"
+SERVING_START, SERVING_END = "<!-- serving:start -->", "<!-- serving:end -->"
 
 
 def load(name):
@@ -205,6 +206,21 @@ def _replace(text, start, end, body):
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
+def serving_table():
+    """bench/serving.py: requests/s (p50 / p99 ms) per model, batching and controls, at 1, 4 and 16 clients."""
+    r = load("serving")
+    lines = ["| model | server | controls | 1 client | 4 clients | 16 clients |", "|---|---|---|---|---|---|"]
+    for model, label in (("minilm", "MiniLM `:classify`"), ("smollm2", "SmolLM2 `:generate`")):
+        for batched in ("unbatched", "batched"):
+            for controls in ("1 control", "16 controls"):
+                cells = []
+                for clients in (1, 4, 16):
+                    run = r["runs"][f"{model} {batched} {clients} clients {controls}"]
+                    cells.append(f"{run['requests_per_s']:.1f} ({run['p50_ms']:.0f} / {run['p99_ms']:.0f})")
+                lines.append(f"| {label} | {batched} | {controls} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main():
     readme = ROOT / "README.md"
     text = _replace(readme.read_text(), START, END, table())
@@ -212,6 +228,8 @@ def main():
         text = _replace(text, STEER_START, STEER_END, steering_table())
     if load("closed_loop") is not None:
         text = _replace(text, LOOP_START, LOOP_END, loop_table())
+    if load("serving") is not None:
+        text = _replace(text, SERVING_START, SERVING_END, serving_table())
     readme.write_text(text)
     print(table())
     print(steering_table())

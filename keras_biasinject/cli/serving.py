@@ -107,6 +107,7 @@ def serving_policy(args):
 
 def cmd_serve(args):
     from keras_biasinject.serving.app import Limits, LoopSettings, is_loopback, serve
+    from keras_biasinject.serving.batching import check_batching
     from keras_biasinject.serving.store import masked
 
     try:
@@ -125,8 +126,10 @@ def cmd_serve(args):
     limits = Limits(max_batch=args.max_batch, max_sequence=args.max_sequence, max_sessions=args.max_sessions,
                     max_clock_skew=args.max_clock_skew, session_ttl=args.session_ttl)  # each checked (ValueError)
     policy = serving_policy(args)
-    print(f"serving {args.export_dir} on http://{args.host}:{args.port} (sessions: {masked(store)})", flush=True)
     batching = (args.batch_max_size, args.batch_wait_ms / 1000.0) if args.batching else None
+    if batching is not None:
+        check_batching(*batching)  # before the server says it is serving
+    print(f"serving {args.export_dir} on http://{args.host}:{args.port} (sessions: {masked(store)})", flush=True)
     serve(args.export_dir, store, host=args.host, port=args.port, source=args.source, limits=limits,
           loop=LoopSettings(args.loop, target), policy=policy, token=token, batching=batching)
 

@@ -69,7 +69,7 @@ from keras_biasinject.serving.rest import (
     AdaptPolicy, BadRequest, Limits, Unauthorized, adapt_batch, feedback_values, finite_number, input_columns,
     predict_answer, session_id as checked_session_id, shown, signature_tensors, text_value,
 )
-from keras_biasinject.serving.store import SessionLimitError, StoreUnavailable, masked, open_store
+from keras_biasinject.serving.store import SessionLimitError, StoreUnavailable, open_store
 
 __all__ = ["AdaptPolicy", "BadRequest", "Limits", "LoopSettings", "SessionServer", "create_app", "find_version", "serve"]
 
@@ -225,11 +225,7 @@ class SessionServer:
             self.stored_time(body)
             return self.predict_in_loop(export, signature, columns, rows, loop)
         if "session" in body and "control" in specs and "control" not in columns:
-            at = finite_number(body.get("timestamp", self.clock()), "`timestamp`")
-            session_id = body["session"]
-            sessions = self.export_with_sessions(export)
-            _, control = self.decay(sessions, session_id, self.store.get(session_id), at)
-            columns["control"] = [control] * len(next(iter(columns.values())))
+            columns["control"] = [self.session_control(export, body)] * len(next(iter(columns.values())))
         outputs = self.run(export, signature, columns)
         return predict_answer({k: v.tolist() for k, v in outputs.items()}, rows)
 
@@ -525,8 +521,9 @@ def purge_loop(store, stop, every=PURGE_EVERY_S):
     tried again at the next round; requests never wait for a purge."""
     while not stop.wait(every):
         try:
-            while store.purge_expired() >= 1000:  # a backlog goes in batches of 1,000
-                pass
+            deleted = store.purge_expired()
+            while deleted >= 1000:  # a backlog goes in batches of 1,000
+                deleted = store.purge_expired()
         except Exception as error:  # a database that is down: the next round tries again
             logger.warning("purging expired sessions failed: %s", error)
 

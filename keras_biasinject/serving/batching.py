@@ -18,6 +18,14 @@ import time
 import numpy as np
 
 
+def check_batching(max_size, max_wait_s):
+    """ValueError naming the flag unless `max_size` is an integer >= 1 and `max_wait_s` lies in [0, 10]."""
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+        raise ValueError(f"serve: --batch-max-size must be an integer >= 1. Got {max_size!r}.")
+    if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s <= 10:
+        raise ValueError(f"serve: --batch-wait-ms must be a number of milliseconds from 0 to 10000. Got {max_wait_s * 1000!r}.")
+
+
 class _Pending:
     def __init__(self, key, tensors, rows):
         self.key, self.tensors, self.rows = key, tensors, rows
@@ -32,10 +40,7 @@ class Batcher:
     signature call (the server's `run_signature`, which raises on input the model refuses)."""
 
     def __init__(self, run, max_size=32, max_wait_s=0.005):
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
-            raise ValueError(f"serve: --batch-max-size must be an integer >= 1. Got {max_size!r}.")
-        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s <= 10:
-            raise ValueError(f"serve: --batch-wait-ms must be a number of milliseconds from 0 to 10000. Got {max_wait_s * 1000!r}.")
+        check_batching(max_size, max_wait_s)
         self.run = run
         self.max_size = max_size
         self.max_wait_s = float(max_wait_s)

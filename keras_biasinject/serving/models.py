@@ -60,7 +60,9 @@ class LoadedExport:
     def preprocessor(self):
         """The model's own KerasHub preprocessor, kept beside the export (`assets.extra/preprocessor`), loaded
         at first use; None for an export without one (made before text routes, or from a bare backbone)."""
-        folder = self.path / "assets.extra" / "preprocessor"
+        from keras_biasinject.export.saved_model import PREPROCESSOR_FOLDER
+
+        folder = self.path / "assets.extra" / PREPROCESSOR_FOLDER
         if not folder.is_dir():
             return None
         with self._preprocessor_lock:

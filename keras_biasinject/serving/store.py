@@ -363,12 +363,6 @@ class PostgresStore(SessionStore):
 
         return self._transaction(work)
 
-    def close(self):
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
-
     def _count(self, cursor):
         cursor.execute(f"SELECT COUNT(*) FROM {self.TABLE}")
         return cursor.fetchone()[0]

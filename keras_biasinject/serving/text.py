@@ -45,7 +45,10 @@ def text_preprocessor(export, task, route):
         kind = {"causal_lm": "causal LM", "classifier": "classifier"}[task]
         raise BadRequest(f"{route} needs a {kind} exported with its preprocessor (kbi export keeps it); this export "
                          + ("has none: export it again with this version." if export.task is None else f"is a {export.task}."))
-    return export.preprocessor()
+    preprocessor = export.preprocessor()
+    if preprocessor is None:
+        raise BadRequest(f"{route}: this export's preprocessor folder (assets.extra/preprocessor) is missing; export the model again.")
+    return preprocessor
 
 
 def numpy(tensors):

@@ -2,7 +2,6 @@
 signature call and get the answers they would get alone; a request the model refuses fails alone."""
 
 import signal
-import threading
 
 import keras_hub
 import numpy as np
@@ -14,6 +13,7 @@ from keras_biasinject.serving.batching import Batcher
 from keras_biasinject.serving.models import LoadedExport
 from keras_biasinject.export import export_saved_model
 from tests.rewrite.tiny_models import BATCH, VOCAB, gpt2, tokens, train
+from tests.serving.concurrency import in_threads
 from tests.serving.test_server import Server, call
 
 pytestmark = pytest.mark.slow
@@ -38,20 +38,7 @@ def request(k, length=8):
 
 
 def concurrently(fn, n=CLIENTS):
-    results, errors = [None] * n, [None] * n
-
-    def client(k):
-        try:
-            results[k] = fn(k)
-        except Exception as error:  # kept for the assertions
-            errors[k] = error
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results, errors
+    return in_threads(fn, n)
 
 
 @pytest.mark.parametrize("signature", ["serve", "generate"])

@@ -15,6 +15,7 @@ import pytest
 from keras_biasinject import DecayFeedback, inject
 from keras_biasinject.export import export_saved_model
 from tests.rewrite.tiny_models import BATCH, gpt2, tokens, train
+from tests.serving.concurrency import in_threads
 from tests.serving.postgres import PostgresServer, free_port
 from tests.serving.test_server import Server, call, rows
 
@@ -66,11 +67,7 @@ def test_eight_clients_through_two_replicas_lose_and_double_nothing(replicas):
             with lock:
                 acknowledged[session] += 1
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert in_threads(client, 8)[1] == [None] * 8
     assert errors == []
     assert sum(acknowledged.values()) == 160
     for session, count in acknowledged.items():

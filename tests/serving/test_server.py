@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,9 @@ import pytest
 from keras_biasinject import DecayFeedback, inject
 from keras_biasinject.export import export_saved_model
 from tests.rewrite.tiny_models import BATCH, VOCAB, gpt2, out, tokens, train
+from tests.serving.postgres import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(port, method, path, body=None, raw=None, timeout=60, token=None, with_headers=False):

@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from keras_biasinject.serving.store import PostgresStore, SessionLimitError, SQLiteStore, StoreUnavailable, open_store
+from tests.serving.concurrency import in_threads
 from tests.serving.postgres import PostgresServer, free_port
 
 
@@ -53,11 +54,7 @@ def test_two_replicas_eight_threads_lose_and_double_nothing(pg, tmp_path):
             with lock:
                 acknowledged[session] += 1
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert in_threads(client, 8)[1] == [None] * 8
     assert sum(acknowledged.values()) == 240
     for session, count in acknowledged.items():
         for store in replicas:
@@ -75,11 +72,7 @@ def test_the_session_limit_holds_across_replicas(pg, tmp_path):
         except SessionLimitError:
             refused.append(k)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert in_threads(client, 16)[1] == [None] * 16
     assert len(created) == 5 and len(refused) == 11
     assert replicas[0]._transaction(lambda c: (c.execute(f"SELECT COUNT(*) FROM {PostgresStore.TABLE}"), c.fetchone()[0])[1]) == 5
 
