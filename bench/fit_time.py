@@ -6,8 +6,10 @@ Each child loads a fresh MiniLM classifier, prepares the method exactly as `kbi 
 on query/value, the head trains, the recipe's optimizer and schedule), and runs `model.fit` on the
 recipe's tokenized training split with validation. It reports the seconds to the end of the first
 step (tracing and graph building included), the whole fit, the mean of the steady steps (every step
-after the first 5), and how often Keras traced its train and test functions (a retrace on the control's
-shape or dtype would show here).
+after the first 5), how often Keras traced its train and test functions (a retrace on the control's
+shape or dtype would show here), the CPU seconds of the fit (which another tenant's load on the machine
+does not inflate as it does wall time), the validation passes, and every pause of over 1.5 s between
+callback events ("stalls": those of over 5 s other than the first step).
 Run: python bench/fit_time.py [--pairs 3] [--train 1024]  -> bench/results/fit_time.json
 """
 
@@ -52,10 +54,32 @@ def child(method, train):
     prepared = time.perf_counter()
 
     class Steps(keras.callbacks.Callback):
-        ends = []
+        """Times each training step, each validation pass and what `fit` does between them."""
+        ends, validation, events = [], [], []
 
         def on_train_batch_end(self, batch, logs=None):
             self.ends.append(time.perf_counter())
+            self.events.append(("train_batch_end", self.ends[-1]))
+
+        def on_test_begin(self, logs=None):
+            self.validation.append([time.perf_counter(), None])
+            self.events.append(("test_begin", self.validation[-1][0]))
+
+        def on_test_end(self, logs=None):
+            self.validation[-1][1] = time.perf_counter()
+            self.events.append(("test_end", self.validation[-1][1]))
+
+        def on_test_batch_end(self, batch, logs=None):
+            self.events.append(("test_batch_end", time.perf_counter()))
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.events.append(("epoch_begin", time.perf_counter()))
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.events.append(("epoch_end", time.perf_counter()))
+
+        def on_train_end(self, logs=None):
+            self.events.append(("train_end", time.perf_counter()))
 
     traces = {"train": 0, "test": 0}  # a step's Python body runs only while tf.function traces it
 
@@ -67,15 +91,21 @@ def child(method, train):
 
     model.train_step, model.test_step = counted("train", model.train_step), counted("test", model.test_step)
     with preprocessor_detached(model):
-        fit_start = time.perf_counter()
+        fit_start, cpu_start = time.perf_counter(), time.process_time()
         model.fit(data["train"], validation_data=data["validation"], epochs=recipe.train.epochs, verbose=0, callbacks=[Steps()])
-        fit_end = time.perf_counter()
+        fit_end, cpu_s = time.perf_counter(), time.process_time() - cpu_start
+    timeline = [("fit_start", fit_start)] + Steps.events + [("fit_end", fit_end)]
+    slow = [[a[0], b[0], b[1] - a[1]] for a, b in zip(timeline, timeline[1:]) if b[1] - a[1] > 1.5]  # gaps over 1.5 s
     ends = Steps.ends
     steady = [b - a for a, b in zip(ends[5:], ends[6:])]
+    between = sum(b - a for a, b in Steps.validation if b < ends[-1])  # validation passes between epochs
+    steps_s = ends[-1] - fit_start - between  # every train step, the first included, and the epoch ends between them
     print(json.dumps({
-        "method": method, "prepare_s": prepared - start, "first_step_s": ends[0] - fit_start, "fit_s": fit_end - fit_start,
+        "method": method, "prepare_s": prepared - start, "first_step_s": ends[0] - fit_start, "fit_s": fit_end - fit_start, "fit_cpu_s": cpu_s,
         "steady_step_ms": 1000 * statistics.mean(steady), "steps": len(ends),
         "train_traces": traces["train"], "test_traces": traces["test"],
+        "validation_s": [b - a for a, b in Steps.validation], "steps_s": steps_s,
+        "gaps_over_1_5_s": slow, "after_last_step_s": fit_end - ends[-1] - (Steps.validation[-1][1] - Steps.validation[-1][0]),
     }))
 
 
@@ -95,16 +125,31 @@ def main():
                                  capture_output=True, text=True, check=True)
             runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(pair, runs[method][-1], flush=True)
-    median = {m: {k: statistics.median(r[k] for r in rs) for k in ("prepare_s", "first_step_s", "fit_s", "steady_step_ms")}
-              for m, rs in runs.items()}
+    write("fit_time", summarize(runs, args.train, args.pairs))
+
+
+def stalls_of(run):
+    """The pauses of over 5 s in a run other than its first step (which traces the train function)."""
+    gaps = run["gaps_over_1_5_s"]
+    first = next(i for i, g in enumerate(gaps) if g[:2] == ["epoch_begin", "train_batch_end"])
+    return [g for i, g in enumerate(gaps) if i != first and g[2] > 5]
+
+
+def summarize(runs, train, pairs):
+    """The results file's content from each method's runs (one dict per fresh process)."""
+    keys = ("prepare_s", "first_step_s", "fit_s", "fit_cpu_s", "steady_step_ms", "after_last_step_s")
+    median = {m: {k: statistics.median(r[k] for r in rs) for k in keys} for m, rs in runs.items()}
     ratios = [o["fit_s"] / l["fit_s"] for o, l in zip(runs["bias_injection"], runs["keras_lora"])]
-    write("fit_time", {
-        "recipe": "recipes/classify_fine_foods.toml", "train_examples": args.train, "pairs": args.pairs, "runs": runs,
+    cpu = [o["fit_cpu_s"] / l["fit_cpu_s"] for o, l in zip(runs["bias_injection"], runs["keras_lora"])]
+    stalls = {m: [stalls_of(r) for r in rs] for m, rs in runs.items()}
+    return {
+        "recipe": "recipes/classify_fine_foods.toml", "train_examples": train, "pairs": pairs, "runs": runs,
         "median": median, "fit_ratio_per_pair": ratios, "fit_ratio_median": statistics.median(ratios),
+        "fit_cpu_ratio_per_pair": cpu, "fit_cpu_ratio_median": statistics.median(cpu), "stalls": stalls,
         "first_step_ratio": median["bias_injection"]["first_step_s"] / median["keras_lora"]["first_step_s"],
         "steady_step_ratio": median["bias_injection"]["steady_step_ms"] / median["keras_lora"]["steady_step_ms"],
         "goal_fit_ratio": GOAL, **device(),
-    })
+    }
 
 
 if __name__ == "__main__":

@@ -61,7 +61,10 @@ def table():
             lines.append(
                 f"| train step, {r['model']}, batch {r['batch']} x {r['sequence_length']} ({r['device']}) | ours {s['bias_injection']['median_ms']:.0f} ms, "
                 f"KerasHub LoRA {s['keras_lora']['median_ms']:.0f} ms, full {s['full']['median_ms']:.0f} ms; ratio vs LoRA "
-                f"{r['ratio_vs_keras_lora']:.3f}, vs full {r['ratio_vs_full']:.3f} | <= 1.05, <= 0.75 | `{_env(r)}python bench/train_step.py{flag}` |")
+                f"{r['ratio_vs_keras_lora']:.3f}, vs full {r['ratio_vs_full']:.3f}"
+                + (f"; XLA (jit_compile=True) speed-up: LoRA {r['xla_speedup']['keras_lora']:.2f}x, ours {r['xla_speedup']['bias_injection']:.2f}x, "
+                   f"ours vs LoRA under XLA {r['xla_ratio_vs_keras_lora']:.3f}" if "xla_speedup" in r else "")
+                + f" | <= 1.05, <= 0.75 | `{_env(r)}python bench/train_step.py{flag}{' --xla' if 'xla_speedup' in r else ''}` |")
     if (r := load("inference")):
         f = r["forward"]
         lines.append(
@@ -76,16 +79,36 @@ def table():
         lines.append(
             f"| int8 base, SmolLM2-135M, batch 1, {r['new_tokens']} new tokens ({r['device']}) | tokens/s: fp32 {t['fp32 base']['tokens_per_s']:.1f}, "
             f"int8 {t['int8 base']['tokens_per_s']:.1f} ({r['int8_vs_fp32_tokens_per_s']:.2f}x), int8 with a control "
-            f"{t['int8 + control']['tokens_per_s']:.1f} ({r['int8_with_control_vs_fp32_tokens_per_s']:.2f}x); Austen perplexity fp32 "
+            f"{t['int8 + control']['tokens_per_s']:.1f} ({r['int8_with_control_vs_fp32_tokens_per_s']:.2f}x)"
+            + (f", bf16 {t['bf16 base']['tokens_per_s']:.1f} ({r['bf16_vs_fp32_tokens_per_s']:.2f}x), bf16 with a control "
+               f"{t['bf16 + control']['tokens_per_s']:.1f} ({r['bf16_with_control_vs_fp32_tokens_per_s']:.2f}x)" if "bf16 base" in t else "")
+            + f"; Austen perplexity fp32 "
             f"{p['fp32 base']:.2f}, int8 {p['int8 base']:.2f} ({r['int8_vs_fp32_perplexity']:.3f}x), int8 at the neutral control "
-            f"{p['int8 + adapters, neutral control']:.2f} | >= 2x; <= 1.03x | `python bench/quantized.py` |")
+            f"{p['int8 + adapters, neutral control']:.2f}"
+            + (f", bf16 {p['bf16 base']:.2f} ({r['bf16_vs_fp32_perplexity']:.3f}x), bf16 at the neutral control "
+               f"{p['bf16 + adapters, neutral control']:.2f}" if "bf16 base" in p else "")
+            + (f"; one 576 -> 1536 projection per token: fp32 {r['profile_us_per_call']['float32 layer']:.0f} us, bf16 "
+               f"{r['profile_us_per_call']['bfloat16 layer']:.0f} us, int8 {r['profile_us_per_call']['int8 layer']:.0f} us" if "profile_us_per_call" in r else "")
+            + " | >= 2x; <= 1.03x | `python bench/quantized.py` |")
+    if (r := load("quantized_training")):
+        q = r["summary"]
+        lines.append(
+            f"| training on an int8 base, {r['recipe']}, seeds {', '.join(map(str, r['seeds']))} ({r['device']}) | memory during fit above the "
+            f"runtime: fp32 LoRA {q['keras_lora fp32']['training_mb_median']:.0f} MB, int8 LoRA {q['keras_lora int8']['training_mb_median']:.0f} MB, "
+            f"int8 ours {q['bias_injection int8']['training_mb_median']:.0f} MB ({r['memory_vs_fp32_lora']:.2f}x fp32 LoRA); accuracy fp32 LoRA "
+            f"{q['keras_lora fp32']['accuracy_mean']:.4f}, int8 LoRA {q['keras_lora int8']['accuracy_mean']:.4f}, int8 ours "
+            f"{q['bias_injection int8']['accuracy_mean']:.4f} ({r['accuracy_points_vs_fp32_lora']:+.1f} points) | <= 0.6x; within 1 point | "
+            f"`python bench/quantized_training.py` |")
     if (r := load("fit_time")):
         m = r["median"]
         lines.append(
             f"| whole fit, {r['recipe']} ({r['train_examples']} reviews), {r['pairs']} pairs of fresh processes ({r['device']}) | ours "
             f"{m['bias_injection']['fit_s']:.0f} s, KerasHub LoRA {m['keras_lora']['fit_s']:.0f} s: {r['fit_ratio_median']:.3f}x (pairs "
             f"{', '.join(f'{x:.2f}' for x in r['fit_ratio_per_pair'])}); first step {r['first_step_ratio']:.2f}x, steady step "
-            f"{r['steady_step_ratio']:.3f}x | <= 1.05x | `python bench/fit_time.py` |")
+            f"{r['steady_step_ratio']:.3f}x"
+            + (f"; CPU time {r['fit_cpu_ratio_median']:.3f}x; stalls over 5 s: ours {sum(map(len, r['stalls']['bias_injection']))}, "
+               f"LoRA {sum(map(len, r['stalls']['keras_lora']))}" if "stalls" in r else "")
+            + " | <= 1.05x | `python bench/fit_time.py` |")
     if (r := load("memory")):
         m = r["runs"]
         lines.append(
@@ -94,6 +117,13 @@ def table():
             f"({r['ratio_training_mb_vs_full']:.2f}x full"
             + (f", {r['ratio_training_mb_vs_keras_lora']:.3f}x LoRA; medians of {r['rounds']} rounds" if "rounds" in r else "")
             + f") | {'<= 1.03x LoRA' if 'rounds' in r else ''} | `python bench/memory.py` |")
+    if (r := load("memory_smollm2")):
+        t, i = r["median_above_runtime_mb"]["training"], r["median_above_runtime_mb"]["inference"]
+        lines.append(
+            f"| peak memory, {r['model']}, medians of {r['rounds']} rounds | training ({r['training']}): ours {t['bias_injection']:.0f} MB, KerasHub "
+            f"LoRA {t['keras_lora']:.0f} MB ({r['ratio_training_vs_keras_lora']:.3f}x); inference ({r['inference']}): base {i['base']:.0f} MB, ours "
+            f"unmerged {i['bias_injection']:.0f} MB ({r['ratio_inference_unmerged_vs_base']:.3f}x), merged {i['bias_injection merged']:.0f} MB "
+            f"({r['ratio_inference_merged_vs_base']:.3f}x) | <= 1.03x | `python bench/memory.py --smollm2` |")
     if (r := load("quality")):
         majority = "/".join(f"{m:.3f}" for m in r.get("majority_baseline", []))
         for name, q in r["accuracy"].items():

@@ -50,6 +50,15 @@ def test_csv_classifier_batches(tmp_path, bert_preprocessor):
     np.testing.assert_array_equal(np.concatenate([y1, y2]), [0, 1, 1])
 
 
+def test_autotuning_is_off_so_deleting_an_iterator_never_waits(tmp_path, bert_preprocessor):
+    # With it on, `fit` stalled up to 29 s at each epoch's end (the tuning thread's sleep): see make_dataset.
+    config = DataConfig(write(tmp_path / "r.csv", REVIEWS_CSV), text_column="text", label_column="label",
+                        control_map=CONTROLS, batch_size=2)
+    ds = make_dataset(config, bert_preprocessor)
+    assert ds.options().autotune.enabled is False
+    assert len(batches(ds)) == 2  # and it still yields every batch
+
+
 def test_control_vectors_and_label_names_order(tmp_path, bert_preprocessor):
     config = DataConfig(write(tmp_path / "r.csv", REVIEWS_CSV), text_column="text", label_column="label",
                         label_names=["other", "great"], control_map={"great": [1, 0.5], "other": [-1, 2]})
