@@ -1,5 +1,7 @@
 """Training step time: bias injection (rank 8, query/value) against KerasHub's enable_lora(8) and
-full fine-tuning, on the same model and batch. Run: python bench/train_step.py [--smollm2]
+full fine-tuning, on the same model and batch. Run: python bench/train_step.py [--smollm2] [--xla]
+`--xla` adds KerasHub LoRA and ours compiled with `jit_compile=True` (Keras' "auto" leaves XLA off on CPU)
+to the same interleaved run, and reports each one's XLA speed-up.
 
 Writes bench/results/train_step.json with ratio_vs_keras_lora (goal <= 1.05) and ratio_vs_full
 (goal <= 0.75), medians of interleaved steps after warm-up.
@@ -39,6 +41,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M (batch 4 x 32) instead of the 4-layer GPT2")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--xla", action="store_true", help="also LoRA and ours with jit_compile=True, side by side")
     parser.add_argument("--out", help="results file name under bench/results/ (default: train_step or train_step_smollm2)")
     args = parser.parse_args()
     build = smollm2 if args.smollm2 else gpt2
@@ -55,9 +58,15 @@ def main():
     models["keras_lora"] = (lora, x)
     ours = inject(build(), rank=8, targets="query_value")
     models["bias_injection"] = (ours, {**x, "control": np.ones((batch, 1), "float32")})
+    if args.xla:
+        lora_xla = build()
+        lora_xla.backbone.enable_lora(8)
+        models["keras_lora xla"] = (lora_xla, x)
+        models["bias_injection xla"] = (inject(build(), rank=8, targets="query_value"), models["bias_injection"][1])
     fns, params = {}, {}
     for name, (model, inputs) in models.items():
-        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      jit_compile=name.endswith(" xla") or "auto")
         params[name] = int(sum(np.prod(w.shape) for w in model.trainable_weights))
         fns[name] = (lambda m, i: (lambda: m.train_on_batch(i, y)))(model, inputs)
     times = summary(interleaved(fns, rounds=args.rounds, warmup=3))
@@ -70,6 +79,9 @@ def main():
         "goals": {"ratio_vs_keras_lora": 1.05, "ratio_vs_full": 0.75},
         **device(),
     }
+    if args.xla:  # > 1: XLA is faster
+        result["xla_speedup"] = {m: times[m]["median_ms"] / times[f"{m} xla"]["median_ms"] for m in ("keras_lora", "bias_injection")}
+        result["xla_ratio_vs_keras_lora"] = times["bias_injection xla"]["median_ms"] / times["keras_lora xla"]["median_ms"]
     write(args.out or ("train_step_smollm2" if args.smollm2 else "train_step"), result)
 
 
