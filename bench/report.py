@@ -87,6 +87,7 @@ def table():
             f"{p['int8 + adapters, neutral control']:.2f}"
             + (f", bf16 {p['bf16 base']:.2f} ({r['bf16_vs_fp32_perplexity']:.3f}x), bf16 at the neutral control "
                f"{p['bf16 + adapters, neutral control']:.2f}" if "bf16 base" in p else "")
+            + ("; " + ", ".join(f"{k} {v:.2f}" for k, v in r["int8_variants_perplexity"].items()) if "int8_variants_perplexity" in r else "")
             + (f"; one 576 -> 1536 projection per token: fp32 {r['profile_us_per_call']['float32 layer']:.0f} us, bf16 "
                f"{r['profile_us_per_call']['bfloat16 layer']:.0f} us, int8 {r['profile_us_per_call']['int8 layer']:.0f} us" if "profile_us_per_call" in r else "")
             + " | >= 2x; <= 1.03x | `python bench/quantized.py` |")
@@ -118,12 +119,17 @@ def table():
             + (f", {r['ratio_training_mb_vs_keras_lora']:.3f}x LoRA; medians of {r['rounds']} rounds" if "rounds" in r else "")
             + f") | {'<= 1.03x LoRA' if 'rounds' in r else ''} | `python bench/memory.py` |")
     if (r := load("memory_smollm2")):
-        t, i = r["median_above_runtime_mb"]["training"], r["median_above_runtime_mb"]["inference"]
+        t, i, g, w = r["median_above_runtime_mb"]["training"], r["median_above_runtime_mb"]["inference"], r["inference_generating_mb"], r["inference_model_mb"]
+        trace = r.get("trace")
         lines.append(
             f"| peak memory, {r['model']}, medians of {r['rounds']} rounds | training ({r['training']}): ours {t['bias_injection']:.0f} MB, KerasHub "
             f"LoRA {t['keras_lora']:.0f} MB ({r['ratio_training_vs_keras_lora']:.3f}x); inference ({r['inference']}): base {i['base']:.0f} MB, ours "
-            f"unmerged {i['bias_injection']:.0f} MB ({r['ratio_inference_unmerged_vs_base']:.3f}x), merged {i['bias_injection merged']:.0f} MB "
-            f"({r['ratio_inference_merged_vs_base']:.3f}x) | <= 1.03x | `python bench/memory.py --smollm2` |")
+            f"unmerged {i['bias_injection']:.0f} MB ({r['ratio_inference_unmerged_vs_base']:.3f}x); generating alone adds: base {g['base']:.0f} MB, "
+            f"unmerged {g['bias_injection']:.0f} MB ({r['ratio_generating_unmerged_vs_base']:.2f}x), merged {g['bias_injection merged']:.0f} MB "
+            f"({r['ratio_generating_merged_vs_base']:.2f}x); loaded model: base {w['base']:.0f} MB, ours {w['bias_injection']:.0f} MB"
+            + (f"; one traced training step: {trace['bias_injection']['ops']:,} ops against LoRA's {trace['keras_lora']['ops']:,}, tracing adds "
+               f"{trace['bias_injection']['tracing_mb']:.0f} MB against {trace['keras_lora']['tracing_mb']:.0f}" if trace else "")
+            + " | <= 1.03x | `python bench/memory.py --smollm2` |")
     if (r := load("quality")):
         majority = "/".join(f"{m:.3f}" for m in r.get("majority_baseline", []))
         for name, q in r["accuracy"].items():
