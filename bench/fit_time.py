@@ -131,7 +131,7 @@ def main():
 def stalls_of(run):
     """The pauses of over 5 s in a run other than its first step (which traces the train function)."""
     gaps = run["gaps_over_1_5_s"]
-    first = next(i for i, g in enumerate(gaps) if g[:2] == ["epoch_begin", "train_batch_end"])
+    first = next((i for i, g in enumerate(gaps) if g[:2] == ["epoch_begin", "train_batch_end"]), None)  # None: a first step under 1.5 s
     return [g for i, g in enumerate(gaps) if i != first and g[2] > 5]
 
 

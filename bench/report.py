@@ -98,7 +98,8 @@ def table():
             f"runtime: fp32 LoRA {q['keras_lora fp32']['training_mb_median']:.0f} MB, int8 LoRA {q['keras_lora int8']['training_mb_median']:.0f} MB, "
             f"int8 ours {q['bias_injection int8']['training_mb_median']:.0f} MB ({r['memory_vs_fp32_lora']:.2f}x fp32 LoRA); accuracy fp32 LoRA "
             f"{q['keras_lora fp32']['accuracy_mean']:.4f}, int8 LoRA {q['keras_lora int8']['accuracy_mean']:.4f}, int8 ours "
-            f"{q['bias_injection int8']['accuracy_mean']:.4f} ({r['accuracy_points_vs_fp32_lora']:+.1f} points) | <= 0.6x; within 1 point | "
+            f"{q['bias_injection int8']['accuracy_mean']:.4f} (95% interval {q['bias_injection int8']['accuracy_wilson_95_seed_pool'][0]:.3f}-"
+            f"{q['bias_injection int8']['accuracy_wilson_95_seed_pool'][1]:.3f}; {r['accuracy_points_vs_fp32_lora']:+.1f} points) | <= 0.6x; within 1 point | "
             f"`python bench/quantized_training.py` |")
     if (r := load("fit_time")):
         m = r["median"]
