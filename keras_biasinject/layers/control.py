@@ -114,6 +114,8 @@ def centred_control(control, neutral, control_dim, max_lead, dtype, owner):
             f"[batch, {control_dim}] or rebuild the layer with control_dim={shape[-1]}."
         )
     control = ops.cast(control, dtype)
+    if not np.any(neutral):  # neutral 0 (the default): `c - 0` is `c` bit for bit, so the graph keeps no Sub per adapter
+        return control
     return ops.subtract(control, ops.cast(ops.convert_to_tensor(neutral), dtype))
 
 
@@ -123,7 +125,10 @@ def align(tensor, lead, rank):
     Control-derived terms have the control's leading axes followed by feature axes; this makes a
     per-example term `[batch, F]` broadcast against an output `[batch, seq, F]`.
     """
-    for _ in range(rank - len(tensor.shape)):
+    missing, trailing = rank - len(tensor.shape), tuple(tensor.shape[lead:])
+    if missing > 1 and lead == 1 and None not in trailing:  # one reshape, not one expand_dims per axis (fewer graph ops)
+        return ops.reshape(tensor, (-1,) + (1,) * missing + trailing)
+    for _ in range(missing):
         tensor = ops.expand_dims(tensor, lead)
     return tensor
 

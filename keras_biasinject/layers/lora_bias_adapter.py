@@ -130,13 +130,20 @@ class LoRABiasAdapter(ControlAdapter):
             gated = h
         else:
             d = self.centred(control, y)  # (lead..., k)
-            strength = ops.add(GATES[self.gate], ops.matmul(d, self.control_gain))  # (lead..., r)
+            strength = self.strength(d)  # (lead..., r)
             gated = ops.multiply(h, control_lib.align(strength, len(d.shape) - 1, len(h.shape)))
         update = self.scaled(projection.project_b(gated, self.lora_b), y.dtype)
         y = ops.add(y, update)
         if control is not None:
             y = ops.add(y, self.control_bias(d, y))
         return y
+
+    def strength(self, centred):
+        """`g + (c - neutral) U`, each rank component's strength. For `gate="control"` (`g` = 0) the
+        product alone: adding 0 changes no value (at most the sign of a zero), and leaves one op fewer
+        per adapter in the graph."""
+        product = ops.matmul(centred, self.control_gain)
+        return product if GATES[self.gate] == 0.0 else ops.add(GATES[self.gate], product)
 
     def scaled(self, update, dtype):
         """`update * (alpha / r)`. At the default `alpha = r` the factor is 1 and is left out: the values are
@@ -152,7 +159,7 @@ class LoRABiasAdapter(ControlAdapter):
             return None
         out_rank = 2 + len(self.projection.feature_shape)  # (B, T, *features)
         d = control_lib.centred_control(control, self.neutral, self.control_dim, 2, self.compute_dtype, self.path)  # (B, k)
-        strength = ops.add(GATES[self.gate], ops.matmul(d, self.control_gain))  # (B, r)
+        strength = self.strength(d)  # (B, r)
         return control_lib.align(strength, 1, out_rank), control_lib.control_term(d, self.control_kernel, out_rank)
 
     def adapted_hoisted(self, inputs, control, hoisted, under=None):
@@ -170,7 +177,7 @@ class LoRABiasAdapter(ControlAdapter):
 
     def merged_kernel(self, centred):
         """`K + (alpha / r) A diag(g + (c - neutral) U) B`."""
-        strength = ops.add(GATES[self.gate], ops.matmul(centred, self.control_gain))  # (r,)
+        strength = self.strength(centred)  # (r,)
         delta = self.projection.kernel_delta(ops.multiply(self.lora_a, strength), self.lora_b)
         return ops.add(self.base_layer.kernel, ops.multiply(delta, self.scale))
 

@@ -68,6 +68,14 @@ class Projection:
         self.feature_letters = features
         out_r = out[:-1] + _FREE_LETTER
         self._eq_a = f"{x_spec},{k_spec[:-1]}{_FREE_LETTER}->{out_r}"
+        # `x A` as one 2-D matmul when x's contracted axes end x, start A in the same order, and the output is
+        # x's other axes then A's ("abc,cdr->abdr", "abcd,cdr->abr"): its gradient is two matmuls, where the
+        # einsum's batched matmul adds broadcast reductions (a smaller training graph, and no per-example dA).
+        contracted = "".join(ch for ch in x_spec if ch in k_spec[:-1])
+        n = len(contracted)
+        a_spec = k_spec[:-1] + _FREE_LETTER
+        self._flat_a = n if (n and x_spec.endswith(contracted) and a_spec.startswith(contracted)
+                             and out_r == x_spec[:-n] + a_spec[n:]) else 0
         self._eq_b = f"{out_r},{_FREE_LETTER}{last}->{out}"
         self._eq_merge = f"{k_spec[:-1]}{_FREE_LETTER},{_FREE_LETTER}{last}->{k_spec}"
 
@@ -111,7 +119,17 @@ class Projection:
 
     def project_a(self, x, a):
         """`x A`: the input projected to the rank axis, `[..., rank]`."""
-        return ops.matmul(x, a) if self.is_dense else ops.einsum(self._eq_a, x, a)
+        if self.is_dense:
+            return ops.matmul(x, a)
+        n = self._flat_a
+        lead = tuple(x.shape[:-n]) if n else ()
+        if not n or None in lead[1:]:  # the einsum itself: any other equation, or unknown axes after the batch axis
+            return ops.einsum(self._eq_a, x, a)
+        inner = 1
+        for size in a.shape[:n]:
+            inner *= size
+        h = ops.matmul(ops.reshape(x, (-1, inner)), ops.reshape(a, (inner, -1)))  # (B * T, rest of A)
+        return ops.reshape(h, (-1,) + lead[1:] + tuple(a.shape[n:]))
 
     def project_b(self, h, b):
         """`h B`: rank-axis activations mapped to the output."""

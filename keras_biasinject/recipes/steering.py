@@ -13,6 +13,7 @@ import numpy as np
 
 from keras_biasinject.data.pipeline import read_examples
 from keras_biasinject.recipes.datasets import control_vector, data_config, splits
+from keras_biasinject.recipes.run_folder import base_model
 from keras_biasinject.rewrite.merge import merge
 
 
@@ -40,6 +41,15 @@ def positive_share(judge, texts, positive_label):
     return float(np.mean(np.argmax(probs, axis=-1) == positive_label))
 
 
+def _plain_base(lm, recipe):
+    """The base model without adapters, to compare the neutral control against. A float base is
+    `merge(lm)` at the neutral control; a quantized one cannot be merged, so it is loaded afresh
+    (quantizing is deterministic: the same integer weights and scales)."""
+    if recipe.model.quantize is None:
+        return merge(lm)
+    return base_model(recipe)
+
+
 def steering_curve(lm, recipe, steer):
     """{"controls", "positive_share", "base_positive_share", "neutral_equals_base", "examples"}.
 
@@ -53,7 +63,7 @@ def steering_curve(lm, recipe, steer):
         controls = np.tile(control, (len(prompts), 1))
         return [str(t) for t in lm.generate(prompts, max_length=steer.max_length, control=controls)]
 
-    base = merge(lm)  # a plain model; at the neutral control with gate "control" it is the base exactly
+    base = _plain_base(lm, recipe)
     base.compile(sampler="greedy")
     base.preprocessor = lm.preprocessor
     base_texts = [str(t) for t in base.generate(prompts, max_length=steer.max_length)]

@@ -83,6 +83,43 @@ def test_hand_computed_dense_update():
     assert numpy(adapter(x)).tolist() == [[3.0 + 2.0 * 2.0 * 3.0]]  # neutral: strength 1
 
 
+
+@pytest.mark.parametrize("kind", ["einsum_qkv", "einsum_out"])
+@pytest.mark.parametrize("gate", ["always", "control"])
+def test_einsum_update_matches_the_formula_in_float64_with_known_and_unknown_sequence_length(kind, gate):
+    """`x A` runs as one 2-D matmul when the sequence length is known and as the einsum when it is not;
+    both give `base + ((x A) * (g + c U)) B + c V`, computed here in float64 with numpy's einsum."""
+    base, x = make_base(kind)
+    adapter = LoRABiasAdapter(base, rank=3, control_dim=2, gate=gate)
+    rng = np.random.default_rng(3)
+    values = {w.name: rng.normal(size=w.shape).astype("float32") for w in adapter.own_weights}
+    for w in adapter.own_weights:
+        w.assign(values[w.name])
+    c = controls(2)["per_example"]
+    a, b, u, v = (values[n].astype("float64") for n in ADAPTER_WEIGHTS)
+    x64 = x.astype("float64")
+    h = np.einsum("btc,cdr->btdr", x64, a) if kind == "einsum_qkv" else np.einsum("btcd,cdr->btr", x64, a)
+    strength = (1.0 if gate == "always" else 0.0) + c.astype("float64") @ u  # (B, r)
+    gated = h * (strength[:, None, None, :] if kind == "einsum_qkv" else strength[:, None, :])
+    update = gated @ b + np.einsum("bz,z...->b...", c.astype("float64"), v)[:, None]
+    expected = numpy(base(x)) + update
+    scale = np.max(np.abs(expected))
+    known = numpy(adapter(x, control=c))
+    import tensorflow as tf  # a traced call whose sequence axis is unknown takes the einsum
+
+    def traced(seq):
+        return tf.function(lambda x, c: adapter(x, control=c),
+                           input_signature=[tf.TensorSpec((None, seq) + x.shape[2:]), tf.TensorSpec((None, 2))])
+
+    def einsums(call):
+        return sum(op.type == "Einsum" for op in call.get_concrete_function().graph.get_operations())
+
+    call = traced(None)
+    assert einsums(call) == einsums(traced(x.shape[1])) + 2  # the base's and `x A`: einsums, not matmuls
+    unknown = numpy(call(x, c))
+    np.testing.assert_allclose(known, expected, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(unknown, expected, rtol=0, atol=1e-5 * scale)
+
 @pytest.mark.parametrize("kind", sorted(PROJECTIONS))
 @pytest.mark.parametrize("gate", ["always", "control"])
 def test_merge_matches_the_dynamic_control_and_unmerge_is_exact(kind, gate):
