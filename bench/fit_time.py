@@ -38,7 +38,7 @@ def child(method, train):
     from keras_biasinject.recipes import load_recipe
     from keras_biasinject.recipes.datasets import compile_for_recipe, split_dataset
     from keras_biasinject.recipes.finetune import _optimizer, _prepared_model
-    from keras_biasinject.rewrite.injected_model import InjectedModel
+    from keras_biasinject.rewrite.injected_model import InjectedModel, build_optimizer
     from keras_biasinject.rewrite.kerashub import preprocessor_detached
     import tensorflow as tf
 
@@ -51,6 +51,7 @@ def child(method, train):
     data = {s: split_dataset(recipe, s, model.preprocessor, injected, shuffle=s == "train") for s in ("train", "validation")}
     steps = int(data["train"].cardinality().numpy()) * recipe.train.epochs
     compile_for_recipe(model, _optimizer(recipe, steps, method))
+    build_optimizer(model)  # as `kbi finetune` does for every method: the train step traced once
     prepared = time.perf_counter()
 
     class Steps(keras.callbacks.Callback):

@@ -123,7 +123,7 @@ class Projection:
             return ops.matmul(x, a)
         n = self._flat_a
         lead = tuple(x.shape[:-n]) if n else ()
-        if not n or None in lead[1:]:  # the einsum itself: any other equation, or unknown axes after the batch axis
+        if not n or not lead or None in lead[1:]:  # the einsum: other equations, no batch axis, unknown axes after it
             return ops.einsum(self._eq_a, x, a)
         inner = 1
         for size in a.shape[:n]:

@@ -40,7 +40,7 @@ from keras_biasinject.recipes.steering import steering_curve
 from keras_biasinject.rewrite.adapter_file import save_adapter
 from keras_biasinject.rewrite.frozen import FrozenSnapshot, count_params
 from keras_biasinject.rewrite.inject import refuse_silent_distribution
-from keras_biasinject.rewrite.injected_model import InjectedModel
+from keras_biasinject.rewrite.injected_model import InjectedModel, build_optimizer
 from keras_biasinject.rewrite.kerashub import preprocessor_detached
 
 
@@ -178,6 +178,8 @@ def _run_method(recipe, method, run_dir, verbose, strategy, backup_dir):
     trainable = count_params(model.trainable_weights)
     with strategy.scope():
         compile_for_recipe(model, _optimizer(recipe, steps, method))
+    if trainable and method != "base":  # every method that trains: its step traced once (see `build_optimizer`)
+        build_optimizer(model)
     frozen = FrozenSnapshot(model)
     history, resumed, probe, start = {}, None, None, time.perf_counter()
     with preprocessor_detached(model):  # the datasets are tokenized already

@@ -319,3 +319,33 @@ def test_an_encoder_decoder_takes_one_control_per_example_that_reaches_both_stac
     after = state_of(model)
     assert after[0] is before[0] and after[2:] == before[2:]
     assert all(np.array_equal(after[1][p], v) for p, v in before[1].items())
+
+
+def test_fit_and_train_on_batch_trace_the_train_step_once():
+    """Keras (TensorFlow, no strategy) builds an unbuilt optimizer inside the first trace of the train
+    step, and `tf.function` then traces the step again and keeps both graphs; the injected model builds
+    it first, so each of `fit` and `train_on_batch` traces its step once, with the same trained values."""
+    traces = []
+
+    def prepared():
+        lm = inject(keras_hub.models.GPT2CausalLM(backbone=gpt2(num_layers=1), preprocessor=None), rank=2)
+        lm.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        step = lm.train_step
+
+        def counted(data):
+            traces.append(1)  # the step's Python body runs only while tf.function traces it
+            return step(data)
+
+        lm.train_step = counted
+        return lm
+
+    x = {**tokens(), "control": controls()[0]}
+    fitted, batched = prepared(), prepared()
+    assert not fitted.optimizer.built
+    fitted.fit(x, x["token_ids"], epochs=2, batch_size=BATCH, verbose=0, shuffle=False)
+    assert len(traces) == 1 and fitted.optimizer.built
+    for _ in range(2):
+        batched.train_on_batch(x, x["token_ids"])
+    assert len(traces) == 2
+    for a, b in zip(fitted.trainable_weights, batched.trainable_weights):  # two steps each, the same values
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
