@@ -115,21 +115,29 @@ def table():
         m = r["runs"]
         lines.append(
             f"| peak memory of training, {r['model']}, batch {r['batch']} x {r['sequence_length']} | above the TF runtime: ours "
-            f"{m['bias_injection']['training_mb']:.0f} MB, KerasHub LoRA {m['keras_lora']['training_mb']:.0f} MB, full {m['full']['training_mb']:.0f} MB "
-            f"({r['ratio_training_mb_vs_full']:.2f}x full"
-            + (f", {r['ratio_training_mb_vs_keras_lora']:.3f}x LoRA; medians of {r['rounds']} rounds" if "rounds" in r else "")
+            f"{m['bias_injection']['training_mb']:.0f} MB, KerasHub LoRA {m['keras_lora']['training_mb']:.0f} MB"
+            + (f", LoRA with its optimizer built first {m['keras_lora built']['training_mb']:.0f} MB" if "keras_lora built" in m else "")
+            + f", full {m['full']['training_mb']:.0f} MB ({r['ratio_training_mb_vs_full']:.2f}x full"
+            + (f", {r['ratio_training_mb_vs_keras_lora']:.3f}x LoRA" if "rounds" in r else "")
+            + (f", {r['ratio_training_mb_vs_keras_lora_built']:.3f}x LoRA built first" if "keras_lora built" in m else "")
+            + (f"; medians of {r['rounds']} rounds" if "rounds" in r else "")
             + f") | {'<= 1.03x LoRA' if 'rounds' in r else ''} | `python bench/memory.py` |")
     if (r := load("memory_smollm2")):
         t, i, g, w = r["median_above_runtime_mb"]["training"], r["median_above_runtime_mb"]["inference"], r["inference_generating_mb"], r["inference_model_mb"]
         trace = r.get("trace")
         lines.append(
             f"| peak memory, {r['model']}, medians of {r['rounds']} rounds | training ({r['training']}): ours {t['bias_injection']:.0f} MB, KerasHub "
-            f"LoRA {t['keras_lora']:.0f} MB ({r['ratio_training_vs_keras_lora']:.3f}x); inference ({r['inference']}): base {i['base']:.0f} MB, ours "
+            f"LoRA {t['keras_lora']:.0f} MB ({r['ratio_training_vs_keras_lora']:.3f}x)"
+            + (f", LoRA with its optimizer built first {t['keras_lora built']:.0f} MB ({r['ratio_training_vs_keras_lora_built']:.3f}x)"
+               if "keras_lora built" in t else "")
+            + f"; inference ({r['inference']}): base {i['base']:.0f} MB, ours "
             f"unmerged {i['bias_injection']:.0f} MB ({r['ratio_inference_unmerged_vs_base']:.3f}x); generating alone adds: base {g['base']:.0f} MB, "
             f"unmerged {g['bias_injection']:.0f} MB ({r['ratio_generating_unmerged_vs_base']:.2f}x), merged {g['bias_injection merged']:.0f} MB "
             f"({r['ratio_generating_merged_vs_base']:.2f}x); loaded model: base {w['base']:.0f} MB, ours {w['bias_injection']:.0f} MB"
             + (f"; one traced training step: {trace['bias_injection']['ops']:,} ops against LoRA's {trace['keras_lora']['ops']:,}, tracing adds "
                f"{trace['bias_injection']['tracing_mb']:.0f} MB against {trace['keras_lora']['tracing_mb']:.0f}" if trace else "")
+            + (f" (more ops per adapter: " + ", ".join(f"{k} {v:.0f}" for k, v in trace["more_ops_per_adapter"].items()) + ")"
+               if trace and "more_ops_per_adapter" in trace else "")
             + " | <= 1.03x | `python bench/memory.py --smollm2` |")
     if (r := load("quality")):
         majority = "/".join(f"{m:.3f}" for m in r.get("majority_baseline", []))
@@ -146,6 +154,14 @@ def table():
                      f"neutral = base: {st['neutral_equals_base']} (`bench/results/steering.png`) | | `python bench/steering.py` |")
         ppl = ", ".join(f"{k} {v:.2f}" for k, v in r["austen_perplexity"].items())
         lines.append(f"| forgetting, Austen perplexity ({r['austen_paragraphs']} held-out paragraphs) | {ppl} | | `python bench/steering.py` |")
+    if (r := load("steering_int8")):
+        a = r["against_fp32"]
+        points = ", ".join(f"{p['control']:+g}: {p['int8']:.2f} (fp32 {p['fp32']:.2f}, {p['fp32_wilson_95'][0]:.2f}-{p['fp32_wilson_95'][1]:.2f})"
+                           for p in a["points"])
+        lines.append(f"| steering on an int8 base, {r['lm']}: share judged positive by control (fp32 curve, its 95% interval) | {points}; "
+                     f"all within: {a['all_within']}; neutral = int8 base: {r['steering']['neutral_equals_base']}; Austen perplexity "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in r["austen_perplexity"].items())
+                     + " | within the fp32 curve's interval | `python bench/steering.py --quantize int8` |")
     if (r := load("steering_compare")):
         g = r["goals"]
 

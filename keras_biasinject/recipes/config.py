@@ -46,7 +46,7 @@ class ModelConfig:
     num_classes: Optional[int] = None  # classification only; None: the number of labels in the data
     dropout: Optional[float] = None  # None: the checkpoint's rate; else the backbone's (and classifier head's)
     pooling: str = "auto"  # classification: "auto" (the checkpoint's own: mean for sentence-transformers), "cls", "mean"
-    quantize: Optional[str] = None  # "int8": the frozen backbone in Keras' int8 (adapters and head stay float32)
+    quantize: Optional[str] = None  # "int8": the frozen backbone in Keras' int8 (adapters, head, an LM's token embedding: float32)
 
 
 @dataclasses.dataclass

@@ -20,14 +20,18 @@ LOAD_TASK = {"classification": "classifier", "causal_lm": "causal_lm"}  # recipe
 
 def base_model(recipe, dropout=None):
     """A freshly loaded base model for `recipe` (the task `load` makes, at its sequence length; its
-    backbone quantized when `[model] quantize` says so)."""
+    backbone quantized when `[model] quantize` says so, a causal LM's token embedding excepted)."""
     extra = {} if dropout is None else {"dropout": float(dropout)}
     if recipe.task == "classification":
         extra["num_classes"] = num_classes(recipe)
         extra["pooling"] = None if recipe.model.pooling == "auto" else recipe.model.pooling
     model = load(recipe.model.spec, task=LOAD_TASK[recipe.task], sequence_length=recipe.model.sequence_length, **extra)
     if recipe.model.quantize is not None:  # the backbone only: a classifier's head stays float and trains
-        model.backbone.quantize(recipe.model.quantize)
+        # A causal LM's token embedding is also its output head, and Keras' quantized reverse projection has no
+        # usable gradient (see `refuse_quantized_lm_head`): it stays float32.
+        lm = recipe.task == "causal_lm"
+        model.backbone.quantize(recipe.model.quantize,
+                                filters=lambda layer: not (lm and isinstance(layer, keras.layers.ReversibleEmbedding)))
     maximum = getattr(model.backbone, "max_sequence_length", None)  # learned position embeddings (BERT, GPT-2)
     if isinstance(maximum, int) and recipe.model.sequence_length > maximum:
         raise ValueError(f"recipe: [model] sequence_length={recipe.model.sequence_length} is more than {recipe.model.spec!r} "

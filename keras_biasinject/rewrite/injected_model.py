@@ -74,15 +74,35 @@ def check_finite_weights(model, where):
         )
 
 
+def refuse_quantized_lm_head(model, where):
+    """Raises ValueError before a causal LM trains through a quantized `ReversibleEmbedding` (its LM head).
+
+    Keras' quantized reverse projection (int8: `_int8_call(reverse=True)`) multiplies integer tensors
+    with no custom gradient, so its input's gradient flows only through the per-token input scale: the
+    hidden states get a wrong gradient, and so does every adapter below the head (on SmolLM2 its cosine
+    with the float32 gradient was -0.1). Checked before anything trains; the model is not changed."""
+    if not isinstance(model, keras_hub.models.CausalLM):
+        return
+    heads = [layer for layer in model._flatten_layers()
+             if isinstance(layer, keras.layers.ReversibleEmbedding) and layer.quantization_mode is not None]
+    if heads:
+        raise ValueError(
+            f"{where}: layer '{heads[0].path}' is a ReversibleEmbedding quantized to {heads[0].quantization_mode}, this causal LM's "
+            "output head. Keras' quantized reverse projection gives its input a wrong gradient (only through the input's "
+            "scale), so the adapters would train on a wrong gradient. Quantize the model without it: "
+            "`model.quantize(\"int8\", filters=lambda layer: not isinstance(layer, keras.layers.ReversibleEmbedding))` "
+            "(a recipe's `[model] quantize` does this)."
+        )
+
+
 def build_optimizer(model):
     """Builds `model`'s optimizer for its trainable variables now, before Keras traces a training step.
 
     Without a distribution strategy, Keras' TensorFlow trainer leaves an unbuilt optimizer to the first
     trace of the train step, so that trace creates the optimizer's variables; `tf.function` then traces
     the step a second time, without creating variables, and keeps both graphs. Built first, the step is
-    traced once. On SmolLM2 with 60 adapters the first `train_on_batch` took 17 s instead of 30 s and
-    the peak memory fell by 317 MB (KerasHub's LoRA gains alike: `bench/memory.py --smollm2`).
-    Does nothing on other backends (they build it before compiling the step), for a model without an
+    traced once: the first step is faster and the peak memory lower, for any model (figures in the
+    README, from `bench/memory.py`). Does nothing on other backends (they build it before compiling the step), for a model without an
     optimizer or with layers not yet built (Keras builds those from the first batch), or when the
     optimizer is built already."""
     optimizer = getattr(model, "optimizer", None)
@@ -312,6 +332,7 @@ class InjectedModel:
         trainable weight after it (see `check_finite_weights`). A control inside a `tf.data.Dataset` or
         a generator is not read ahead; a non-finite one there is caught by the check after training."""
         _check_data_control(x, "fit")
+        refuse_quantized_lm_head(self, "fit")
         build_optimizer(self)  # one trace of the train step, not two
         history = super().fit(x, *args, **kwargs)
         check_finite_weights(self, "fit")
@@ -320,6 +341,7 @@ class InjectedModel:
     def train_on_batch(self, x, *args, **kwargs):
         """`Model.train_on_batch`, with the optimizer built before the step is traced (`build_optimizer`)."""
         _check_data_control(x, "train_on_batch")
+        refuse_quantized_lm_head(self, "train_on_batch")
         build_optimizer(self)
         return super().train_on_batch(x, *args, **kwargs)
 

@@ -111,7 +111,8 @@ def test_remove_gives_the_base_model_back_exactly(tmp_path):
 
 def test_int8_base_works_unmerged_and_merge_says_why_not():
     lm = keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None)
-    lm.quantize("int8")
+    head = lm.backbone.token_embedding  # the tied output head: its int8 reverse projection has no usable gradient
+    lm.quantize("int8", filters=lambda layer: layer is not head)
     x = tokens()
     base_out = out(lm, x)
     quantized = {p: v for p, v in snapshot(lm).items() if v.dtype == np.int8}
@@ -169,3 +170,22 @@ def test_merge_of_a_bias_injection_folds_the_control_into_the_biases():
     assert not np.allclose(out(merged, x), base_out, atol=1e-4)
     assert all(np.array_equal(snapshot(lm)[p], v) for p, v in before.items())  # the injected model is untouched
     assert np.array_equal(out(merge(lm), x), base_out)  # the neutral control: the base exactly
+
+
+def test_training_through_an_int8_lm_head_is_refused_before_anything_changes():
+    """Keras' int8 ReversibleEmbedding, in reverse (the LM head), gives its input a wrong gradient: fit and
+    train_on_batch refuse to train below it, say how to quantize around it, and change nothing."""
+    lm = keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None)
+    lm.quantize("int8")
+    lm = inject(lm, rank=2)
+    lm.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = {**tokens(), "control": np.ones((BATCH, 1), "float32")}
+    before = snapshot(lm)
+    message = (r"layer 'token_embedding' is a ReversibleEmbedding quantized to int8, this causal LM's output head\. .* wrong gradient .*"
+               r"filters=lambda layer: not isinstance\(layer, keras\.layers\.ReversibleEmbedding\)")
+    with pytest.raises(ValueError, match="fit: " + message):
+        lm.fit(x, x["token_ids"], epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="train_on_batch: " + message):
+        lm.train_on_batch(x, x["token_ids"])
+    assert not lm.optimizer.built
+    assert all(np.array_equal(v, before[p]) for p, v in snapshot(lm).items())
