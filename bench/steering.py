@@ -10,14 +10,14 @@ Run: python bench/steering.py  -> bench/results/steering.json, steering.png
 bench/results/runs/steering is reused when it holds this recipe's finished run)
 
 python bench/steering.py --quantize int8  -> steering_int8.json, steering_int8.png: the same recipe on
-a backbone in Keras' int8 (`[model] quantize = "int8"`, adapters float32). Each control's positive
+a backbone in Keras' int8 (`[model] quantize = "int8"`: the blocks int8, the token embedding, which is the
+tied LM head, and the adapters float32). Each control's positive
 share is set beside the float32 curve of steering.json and that curve's Wilson 95% interval
 (64 generations a point). The base perplexity is the int8 base's (an int8 base cannot be merged).
 About an hour on 2 CPU cores: int8 layers train and generate at about half fp32's speed here."""
 
 import argparse
 import json
-
 import math
 import os
 import shutil
