@@ -162,6 +162,10 @@ def table():
                      f"all within: {a['all_within']}; neutral = int8 base: {r['steering']['neutral_equals_base']}; Austen perplexity "
                      + ", ".join(f"{k} {v:.2f}" for k, v in r["austen_perplexity"].items())
                      + " | within the fp32 curve's interval | `python bench/steering.py --quantize int8` |")
+    if (r := load("int8_gradient")):
+        rows = "; ".join(f"{name}: " + ", ".join(f"{k} {v['cosine']:.2f}" for k, v in kinds.items())
+                         for name, kinds in r["against_float32"].items())
+        lines.append(f"| int8 base, SmolLM2: cosine of the adapters' gradient with float32's | {rows} | | `python bench/int8_gradient.py` |")
     if (r := load("steering_compare")):
         g = r["goals"]
 

@@ -79,8 +79,8 @@ def refuse_quantized_lm_head(model, where):
 
     Keras' quantized reverse projection (int8: `_int8_call(reverse=True)`) multiplies integer tensors
     with no custom gradient, so its input's gradient flows only through the per-token input scale: the
-    hidden states get a wrong gradient, and so does every adapter below the head (on SmolLM2 its cosine
-    with the float32 gradient was -0.1). Checked before anything trains; the model is not changed."""
+    hidden states get a wrong gradient, and so does every adapter below the head (`bench/int8_gradient.py`).
+    Checked before anything trains; the model is not changed."""
     if not isinstance(model, keras_hub.models.CausalLM):
         return
     heads = [layer for layer in model._flatten_layers()
